@@ -1,0 +1,66 @@
+"""What every policy provides, and the container its per-session state lives in."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from ttaserve.adapters.model import PreparedModel
+
+
+class TensorState(dict[str, torch.Tensor]):
+    """A session's adaptation state: named tensors, nothing else.
+
+    ``state_dict()`` returns detached clones (a snapshot); ``load_state_dict()`` replaces
+    the contents after checking that the names match, so a snapshot taken from one session
+    restores exactly into another of the same policy and model.
+    """
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.items()}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        missing, unexpected = set(self) - set(tensors), set(tensors) - set(self)
+        if missing or unexpected:
+            raise ValueError(
+                f"state does not match this policy: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+        for name, value in tensors.items():
+            current = self[name]
+            if value.dtype != current.dtype or value.shape[1:] != current.shape[1:]:
+                raise ValueError(
+                    f"state tensor {name!r}: got {value.dtype} {tuple(value.shape)}, "
+                    f"expected {current.dtype} with trailing shape {tuple(current.shape[1:])}"
+                )
+            self[name] = value.detach().clone().requires_grad_(current.requires_grad)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.values())
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """A test-time adaptation policy. The object is immutable; all mutable data is in the
+    :class:`TensorState` it creates."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type]  # frozen dataclass of the policy's parameters
+    params: Any  # the policy's frozen parameter dataclass
+
+    def check(self, model: PreparedModel) -> None:
+        """Raise ModelError if the policy cannot run on this model."""
+
+    def init_state(self, model: PreparedModel) -> TensorState:
+        """The state of a fresh session (deterministic: reset == init_state again)."""
+
+    def forward(
+        self, model: PreparedModel, x: torch.Tensor, state: TensorState, adapt: bool = True
+    ) -> torch.Tensor:
+        """Predict for x with the current state, then (if adapt) update the state."""
+
+    def drift(self, state: TensorState) -> dict[str, float]:
+        """Policy-specific signals (memory size, merging coefficient, loss ...)."""

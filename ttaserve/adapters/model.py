@@ -1,0 +1,162 @@
+"""The model as policies see it: a frozen copy whose BatchNorm2d layers ask the running
+policy for their statistics, and whose classifier head reports its input (the features).
+
+A policy installs a *normalizer* for the duration of one forward pass with
+:func:`normalizer`; the hook lives in a context variable, so forward passes running in
+different threads never see each other's hook. Without a normalizer the layers behave
+exactly like the original BatchNorm in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NormHook = Callable[["AdaptiveBatchNorm2d", torch.Tensor], torch.Tensor]
+
+_NORM_HOOK: contextvars.ContextVar[NormHook | None] = contextvars.ContextVar(
+    "ttaserve_norm_hook", default=None
+)
+_FEATURES: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
+    "ttaserve_features", default=None
+)
+
+
+class ModelError(ValueError):
+    """A model cannot be used the way it was asked to be (e.g. no BatchNorm for a BN policy)."""
+
+
+class AdaptiveBatchNorm2d(nn.Module):
+    """Drop-in for an eval-mode ``nn.BatchNorm2d`` that defers to the active normalizer.
+
+    It shares (does not copy) the source layer's parameters and buffers; they are frozen.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d, index: int, name: str) -> None:
+        super().__init__()
+        self.index = index
+        self.layer_name = name
+        self.num_features = bn.num_features
+        self.eps = bn.eps
+        self.momentum = bn.momentum
+        self.weight = bn.weight
+        self.bias = bn.bias
+        self.register_buffer("running_mean", bn.running_mean)
+        self.register_buffer("running_var", bn.running_var)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        hook = _NORM_HOOK.get()
+        if hook is None:
+            return self.source(z)
+        return hook(self, z)
+
+    def source(self, z: torch.Tensor) -> torch.Tensor:
+        """The original layer's eval-mode output (source statistics)."""
+        return F.batch_norm(
+            z, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+class FeatureTap(nn.Module):
+    """Wraps the classifier head and records its input when a capture is active."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sink = _FEATURES.get()
+        if sink is not None:
+            sink.append(x)
+        return self.head(x)
+
+
+@contextlib.contextmanager
+def normalizer(hook: NormHook | None) -> Iterator[None]:
+    """Route every AdaptiveBatchNorm2d of forward passes in this context through ``hook``."""
+    token = _NORM_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _NORM_HOOK.reset(token)
+
+
+@dataclass
+class PreparedModel:
+    """A frozen, BN-swapped copy of a classifier plus what policies need to know about it.
+
+    ``artifacts`` holds per-policy material prepared at model load (source kNN memory,
+    warmed-up meta networks, a generalist twin); policies read it, never write it.
+    """
+
+    module: nn.Module
+    bn_layers: list[AdaptiveBatchNorm2d]
+    num_classes: int
+    head_name: str
+    artifacts: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the input of the classifier head for the same forward pass."""
+        sink: list[torch.Tensor] = []
+        token = _FEATURES.set(sink)
+        try:
+            logits = self.module(x)
+        finally:
+            _FEATURES.reset(token)
+        return sink[-1].flatten(1), logits
+
+    def require_batchnorm(self, policy: str) -> None:
+        if not self.bn_layers:
+            raise ModelError(
+                f"policy {policy!r} adapts BatchNorm statistics, but this model has no "
+                "BatchNorm2d layer (was it folded into the convolutions, e.g. by ONNX "
+                "optimization?). Serve it with policy 'source' or export it with BatchNorm kept."
+            )
+
+
+def _find_head(module: nn.Module, head: str | None) -> str:
+    if head is not None:
+        if head not in dict(module.named_modules()):
+            raise ModelError(f"head module {head!r} not found in the model")
+        return head
+    linear = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ModelError("the model has no nn.Linear classifier head; name one with head=...")
+    return linear[-1]
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def prepare(module: nn.Module, head: str | None = None, num_classes: int | None = None) -> PreparedModel:
+    """Copy ``module``, freeze it, put it in eval mode, swap BatchNorm2d layers for
+    :class:`AdaptiveBatchNorm2d` and tap the classifier head's input."""
+    module = copy.deepcopy(module).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    head_name = _find_head(module, head)
+    head_module = module.get_submodule(head_name)
+    bns = [(n, m) for n, m in module.named_modules() if type(m) is nn.BatchNorm2d]
+    layers = []
+    for index, (name, bn) in enumerate(bns):
+        layer = AdaptiveBatchNorm2d(bn, index, name)
+        _set_submodule(module, name, layer)
+        layers.append(layer)
+    _set_submodule(module, head_name, FeatureTap(head_module))
+    if num_classes is None:
+        num_classes = int(getattr(head_module, "out_features", 0)) or 0
+    return PreparedModel(module.eval(), layers, num_classes, head_name)

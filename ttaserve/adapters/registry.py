@@ -1,0 +1,124 @@
+"""One registry of policies and one factory that validates parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ttaserve.adapters.base import Adapter
+from ttaserve.adapters.model import PreparedModel
+
+_REGISTRY: dict[str, Callable[..., Adapter]] = {}
+_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
+
+T = TypeVar("T")
+
+
+class PolicyError(ValueError):
+    """Unknown policy or invalid policy parameters; the message says what is allowed."""
+
+
+def register(cls: T) -> T:
+    """Class decorator: make a policy available under ``cls.name``."""
+    name = cls.name  # type: ignore[attr-defined]
+    if name in _REGISTRY or name in _ALIASES:
+        raise ValueError(f"policy {name!r} registered twice")
+    _REGISTRY[name] = cls  # type: ignore[assignment]
+    return cls
+
+
+def register_alias(alias: str, target: str, **params: Any) -> None:
+    """``alias`` is ``target`` with some parameters fixed (e.g. tbn = alpha-bn, alpha=0)."""
+    if alias in _REGISTRY or alias in _ALIASES:
+        raise ValueError(f"policy {alias!r} registered twice")
+    _ALIASES[alias] = (target, params)
+
+
+def policy_names() -> list[str]:
+    return sorted([*_REGISTRY, *_ALIASES])
+
+
+def params_class(name: str) -> type:
+    target, _ = _resolve(name)
+    params_cls: type = _REGISTRY[target].Params  # type: ignore[attr-defined]
+    return params_cls
+
+
+def param_schema(name: str) -> dict[str, dict[str, Any]]:
+    """Parameter name -> {type, default} for a policy (aliases show their fixed values)."""
+    target, fixed = _resolve(name)
+    schema = {}
+    for f in dataclasses.fields(params_class(target)):
+        default = fixed.get(f.name, f.default)
+        schema[f.name] = {"type": _type_name(f.type), "default": default, "fixed": f.name in fixed}
+    return schema
+
+
+def describe(name: str) -> str:
+    target, fixed = _resolve(name)
+    text: str = _REGISTRY[target].description  # type: ignore[attr-defined]
+    if fixed:
+        text = f"{target} with " + ", ".join(f"{k}={v}" for k, v in fixed.items()) + f": {text}"
+    return text
+
+
+def canonical(name: str, params: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """Resolve an alias: returns (registered name, parameters with the alias's fixed values)."""
+    target, fixed = _resolve(name)
+    merged = dict(params or {})
+    for key, value in fixed.items():
+        if key in merged and merged[key] != value:
+            raise PolicyError(f"policy {name!r} fixes {key}={value}; use {target!r} to change it")
+        merged[key] = value
+    return target, merged
+
+
+def create_adapter(name: str, model: PreparedModel | None = None, **params: Any) -> Adapter:
+    """Build a policy by name with validated parameters; check it fits ``model`` if given."""
+    target, merged = canonical(name, params)
+    params_cls = params_class(target)
+    known = {f.name: f for f in dataclasses.fields(params_cls)}
+    unknown = sorted(set(merged) - set(known))
+    if unknown:
+        raise PolicyError(
+            f"policy {target!r} has no parameter(s) {unknown}; its parameters are {sorted(known)}"
+        )
+    coerced = {k: _coerce(target, known[k], v) for k, v in merged.items()}
+    try:
+        adapter = _REGISTRY[target](params=params_cls(**coerced))
+    except ValueError as exc:
+        raise PolicyError(f"policy {target!r}: {exc}") from exc
+    if model is not None:
+        adapter.check(model)
+    return adapter
+
+
+def _resolve(name: str) -> tuple[str, dict[str, Any]]:
+    if name in _ALIASES:
+        return _ALIASES[name]
+    if name in _REGISTRY:
+        return name, {}
+    raise PolicyError(f"unknown policy {name!r}; available: {', '.join(policy_names())}")
+
+
+def _type_name(tp: Any) -> str:
+    return tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(policy: str, f: dataclasses.Field[Any], value: Any) -> Any:
+    kind = _type_name(f.type)
+    try:
+        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind == "int" and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "str" and isinstance(value, str):
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise PolicyError(f"policy {policy!r}: parameter {f.name!r} must be {kind}, got {value!r}")

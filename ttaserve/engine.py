@@ -1,0 +1,138 @@
+"""In-process API: one model, its default policy and its sessions. The server, the
+benchmarks and the tests all predict through :meth:`Engine.predict`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ttaserve.adapters import Adapter, PreparedModel, canonical, create_adapter, prepare
+from ttaserve.errors import InvalidInput
+from ttaserve.sessions import SequenceId, Session, SessionLimits, SessionStore
+
+
+@dataclass(frozen=True)
+class PolicyChoice:
+    """A policy name (canonical, aliases resolved) and its parameters."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, name: str, params: dict[str, Any] | None = None) -> PolicyChoice:
+        target, merged = canonical(name, params)
+        return cls(target, tuple(sorted(merged.items())))
+
+
+class Engine:
+    """Serve one model under a default policy, with per-session adaptation state.
+
+    >>> engine = Engine(ttaserve.models.demo(), policy="alpha-bn", alpha=0.1)
+    >>> logits = engine.predict(x, session="cam-1")
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | PreparedModel,
+        policy: str = "source",
+        *,
+        limits: SessionLimits = SessionLimits(),
+        on_drop: Callable[[Session, str], None] | None = None,
+        **params: Any,
+    ) -> None:
+        self.model = model if isinstance(model, PreparedModel) else prepare(model)
+        self._adapters: dict[PolicyChoice, Adapter] = {}
+        self.default = self._validated(PolicyChoice.of(policy, params))
+        self.sessions = SessionStore(limits, on_drop)
+
+    # -- policies ---------------------------------------------------------------------
+    def adapter(self, choice: PolicyChoice) -> Adapter:
+        """The (cached, immutable) policy object for a choice."""
+        if choice not in self._adapters:
+            self._adapters[choice] = create_adapter(choice.name, self.model, **dict(choice.params))
+        return self._adapters[choice]
+
+    def _validated(self, choice: PolicyChoice) -> PolicyChoice:
+        self.adapter(choice)
+        return choice
+
+    def set_default_policy(self, policy: str, **params: Any) -> PolicyChoice:
+        """Policy for sessions created from now on; live sessions keep theirs."""
+        self.default = self._validated(PolicyChoice.of(policy, params))
+        return self.default
+
+    def set_session_policy(self, sequence_id: SequenceId, policy: str, **params: Any) -> Session:
+        """Switch (or create) a session's policy; its state starts fresh."""
+        choice = self._validated(PolicyChoice.of(policy, params))
+        session, _ = self.sessions.open(sequence_id, True, lambda: self._new_session(sequence_id, choice))
+        return session
+
+    def reset(self, sequence_id: SequenceId, reason: str = "request") -> Session | None:
+        """Restore a session's state to its policy's initial state."""
+        session = self.sessions.get(sequence_id)
+        if session is not None:
+            with session.lock:
+                session.state = session.adapter.init_state(self.model)
+                session.resets[reason] += 1
+        return session
+
+    # -- prediction -------------------------------------------------------------------
+    def predict(
+        self,
+        x: torch.Tensor,
+        session: SequenceId | None = None,
+        *,
+        adapt: bool = True,
+        policy: str | None = None,
+        start: bool = False,
+        end: bool = False,
+    ) -> torch.Tensor:
+        """Logits for ``x``; updates the session's state unless ``adapt`` is False.
+
+        ``session=None`` adapts on this batch alone and keeps nothing. ``policy`` may only
+        be given on a session's first request (or with ``start``)."""
+        check_input(x)
+        choice = self.default if policy is None else self._validated(PolicyChoice.of(policy))
+        if session is None:
+            adapter = self.adapter(choice)
+            return adapter.forward(self.model, x, adapter.init_state(self.model), adapt)
+        live, created = self.sessions.open(session, start, lambda: self._new_session(session, choice))
+        if not created and policy is not None and live.policy != choice.name:
+            raise InvalidInput(
+                f"sequence {session!r} already runs policy {live.policy!r}; tta_policy can only "
+                "be chosen on a sequence's first request (or use SetPolicy to switch it)"
+            )
+        try:
+            return self._run(live, x, adapt)
+        finally:
+            if end:
+                self.sessions.end(session)
+
+    def _run(self, session: Session, x: torch.Tensor, adapt: bool) -> torch.Tensor:
+        with session.lock:
+            logits = session.adapter.forward(self.model, x, session.state, adapt)
+            session.batches += 1
+            session.samples += x.shape[0]
+            session.last_active = time.monotonic()
+        return logits
+
+    def _new_session(self, sequence_id: SequenceId, choice: PolicyChoice) -> Session:
+        adapter = self.adapter(choice)
+        return Session(
+            sequence_id, choice.name, dict(choice.params), adapter, adapter.init_state(self.model)
+        )
+
+
+def check_input(x: torch.Tensor) -> None:
+    """Reject what no policy can handle, before any state is touched."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise InvalidInput("input must be a floating-point tensor")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise InvalidInput(f"input must be a non-empty batch [B, ...], got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise InvalidInput("input contains NaN or Inf; send finite values")

@@ -1,0 +1,31 @@
+"""Domain errors. They carry no transport codes; server/errors.py maps them to gRPC."""
+
+from __future__ import annotations
+
+
+class TTAServeError(Exception):
+    """Base of every error ttaserve reports to a client."""
+
+
+class InvalidInput(TTAServeError):
+    """The request is malformed; the message says what to fix."""
+
+
+class NotFound(TTAServeError):
+    """Unknown model, version or session."""
+
+
+class Overloaded(TTAServeError):
+    """A configured cap (queue, sessions, message size) was reached; the message names it."""
+
+
+class Unavailable(TTAServeError):
+    """The server is draining or the model is not ready."""
+
+
+class Unauthenticated(TTAServeError):
+    """No or unknown credentials."""
+
+
+class PermissionDenied(TTAServeError):
+    """Valid credentials without the scope the call needs."""

@@ -1,0 +1,77 @@
+"""Torch reference implementations of the normalization statistics the policies use.
+
+All variances are biased (divide by n), as BatchNorm uses them at test time. Shapes:
+``z`` is B x C x H x W (or B x C); per-channel moments are [C]; per-sample moments [B, C].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _spatial_dims(z: torch.Tensor) -> tuple[int, ...]:
+    return tuple(range(2, z.dim()))
+
+
+def batch_moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance per channel over (B, H, W)."""
+    dims = (0, *_spatial_dims(z))
+    var, mean = torch.var_mean(z, dim=dims, correction=0)
+    return mean, var
+
+
+def instance_moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance per sample and channel over (H, W): [B, C] each."""
+    var, mean = torch.var_mean(z, dim=_spatial_dims(z), correction=0)
+    return mean, var
+
+
+def segment_moments(
+    z: torch.Tensor, offsets: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch moments computed separately for each segment ``z[offsets[i]:offsets[i+1]]``,
+    broadcast back to [B, C]. Each segment is reduced exactly as :func:`batch_moments` would
+    reduce it alone, so a segment's result does not depend on its neighbours."""
+    means, variances = [], []
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        mean, var = batch_moments(z[start:stop])
+        means.append(mean.expand(stop - start, -1))
+        variances.append(var.expand(stop - start, -1))
+    return torch.cat(means), torch.cat(variances)
+
+
+def normalize(
+    z: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """weight * (z - mean) / sqrt(var + eps) + bias, with per-channel [C] or per-sample
+    [B, C] statistics and per-channel or per-sample affine parameters.
+
+    The all-per-channel case goes through ``F.batch_norm`` (eval mode), the same code the
+    original layer runs, so source statistics reproduce the source output bit for bit."""
+    if mean.dim() == 1 and _per_channel(weight) and _per_channel(bias):
+        return F.batch_norm(z, mean, var, weight, bias, False, 0.0, eps)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return z * _expand(z, scale) + _expand(z, shift)
+
+
+def _per_channel(param: torch.Tensor | None) -> bool:
+    return param is None or param.dim() == 1
+
+
+def _expand(z: torch.Tensor, stat: torch.Tensor) -> torch.Tensor:
+    """View a [C] or [B, C] statistic so that it broadcasts against z."""
+    extra = (1,) * (z.dim() - 2)
+    if stat.dim() == 1:
+        return stat.reshape(1, stat.shape[0], *extra)
+    return stat.reshape(stat.shape[0], stat.shape[1], *extra)
