@@ -1,6 +1,8 @@
 """Adaptation policies. Importing this package registers every built-in policy."""
 
-from ttaserve.adapters import alpha_bn, source  # noqa: F401  (registration side effect)
+import importlib
+import pkgutil
+
 from ttaserve.adapters.base import Adapter, TensorState
 from ttaserve.adapters.model import ModelError, PreparedModel, normalizer, prepare
 from ttaserve.adapters.registry import (
@@ -12,6 +14,13 @@ from ttaserve.adapters.registry import (
     policy_names,
     register,
 )
+
+# Every module of this package other than the infrastructure below is a policy; importing
+# it registers it. Adding a policy means adding one module here and nothing elsewhere.
+_INFRASTRUCTURE = {"base", "model", "registry", "guard", "common"}
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name not in _INFRASTRUCTURE:
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
     "Adapter",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,9 +103,24 @@ class PreparedModel:
     num_classes: int
     head_name: str
     artifacts: dict[str, Any] = field(default_factory=dict)
+    _artifact_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
+
+    def artifact(self, key: str) -> Any:
+        """A prepared artifact (e.g. ``"adanpc.memory"``). Entries may be zero-argument
+        loaders; they run once, on first use, and their result is kept."""
+        if key not in self.artifacts:
+            raise ModelError(
+                f"this model has no {key!r} artifact; build it for your model "
+                f"(see 'ttaserve prepare --help') and name it in the model config"
+            )
+        with self._artifact_lock:
+            value = self.artifacts[key]
+            if callable(value) and not isinstance(value, (nn.Module, PreparedModel)):
+                value = self.artifacts[key] = value()
+        return value
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the input of the classifier head for the same forward pass."""
@@ -159,4 +175,6 @@ def prepare(module: nn.Module, head: str | None = None, num_classes: int | None 
     _set_submodule(module, head_name, FeatureTap(head_module))
     if num_classes is None:
         num_classes = int(getattr(head_module, "out_features", 0)) or 0
-    return PreparedModel(module.eval(), layers, num_classes, head_name)
+    # A model may carry loaders for its own artifacts (the demo model does).
+    artifacts = dict(getattr(module, "ttaserve_artifacts", {}))
+    return PreparedModel(module.eval(), layers, num_classes, head_name, artifacts)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
+from typing import Any
 
 import torch
 
 from ttaserve.models.resnet import CLASS_NAMES, DemoResNet
 
-__all__ = ["CLASS_NAMES", "DemoResNet", "demo", "generalist", "weights_path"]
+__all__ = ["CLASS_NAMES", "DemoResNet", "demo", "demo_artifacts", "generalist", "load_tensors", "weights_path"]
 
 
 def weights_path(kind: str) -> str:
@@ -23,10 +25,36 @@ def _load(kind: str) -> DemoResNet:
     return model.eval()
 
 
+def load_tensors(name: str) -> dict[str, torch.Tensor]:
+    """A shipped tensor file ``weights/<name>.safetensors`` as a dict."""
+    from safetensors.torch import load_file
+
+    return load_file(weights_path(name))
+
+
+def _prepared_generalist() -> Any:
+    from ttaserve.adapters.model import prepare
+
+    return prepare(generalist())
+
+
+def demo_artifacts() -> dict[str, Callable[[], Any]]:
+    """Lazy loaders of the demo model's policy artifacts (run on first use)."""
+    return {
+        "adanpc.memory": lambda: load_tensors("adanpc_memory"),
+        "ecotta.meta": lambda: load_tensors("ecotta_meta"),
+        "t3.generalist": _prepared_generalist,
+    }
+
+
 def demo() -> DemoResNet:
     """The demo classifier (expert): trained on clean Fashion-MNIST, eval mode.
-    Input [B, 1, 28, 28] with pixels in [0, 1]; output logits [B, 10]."""
-    return _load("expert")
+    Input [B, 1, 28, 28] with pixels in [0, 1]; output logits [B, 10].
+    It carries the loaders of its policy artifacts (``ttaserve_artifacts``), so
+    ``Engine(demo(), policy=...)`` works for every policy."""
+    model = _load("expert")
+    model.ttaserve_artifacts = demo_artifacts()  # type: ignore[assignment]
+    return model
 
 
 def generalist() -> DemoResNet:
