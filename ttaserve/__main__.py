@@ -1,0 +1,5 @@
+import sys
+
+from ttaserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""The ``ttaserve`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def _param(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the gRPC inference server",
+                       description="Serve the demo model (and a model repository) over the "
+                       "Triton-compatible gRPC API with per-sequence test-time adaptation.")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 8001)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics port (default 8002; 0 = any free port; -1 = off)")
+    p.add_argument("--policy", default=None, help="default adaptation policy (default source); "
+                   "see 'ttaserve policies'")
+    p.add_argument("--param", dest="params", action="append", type=_param, default=[],
+                   metavar="KEY=VALUE", help="parameter of the default policy, e.g. alpha=0.1")
+    p.add_argument("--model-repository", default=None, metavar="DIR",
+                   help="directory of <model>/config.json entries to serve besides the demo")
+    p.add_argument("--no-demo", dest="demo", action="store_false", default=None,
+                   help="do not serve the embedded demo model")
+    p.add_argument("--max-message-bytes", type=int, default=None,
+                   help="largest gRPC message accepted (default 64 MiB)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="largest batch (default 256)")
+    p.add_argument("--session-idle", dest="session_idle_s", type=float, default=None,
+                   metavar="SECONDS", help="drop sessions idle this long (default 600)")
+    p.add_argument("--max-sessions", type=int, default=None,
+                   help="live sessions per model before the least recently used is evicted")
+    p.add_argument("--strict-sequences", action="store_true", default=None,
+                   help="like Triton: an unknown sequence id needs sequence_start")
+    p.add_argument("--grace", dest="grace_s", type=float, default=None,
+                   help="seconds to let in-flight requests finish on SIGTERM (default 10)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
+    p.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import torch
+
+    from ttaserve.server.app import serve
+    from ttaserve.server.settings import ServerSettings
+
+    fields = ("host", "grpc_port", "metrics_port", "policy", "model_repository", "demo",
+              "max_message_bytes", "max_batch_size", "session_idle_s", "max_sessions",
+              "strict_sequences", "grace_s", "torch_threads")
+    settings = ServerSettings.from_env(
+        **{f: getattr(args, f) for f in fields}, policy_params=dict(args.params) or None
+    )
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _add_policies(sub: Any) -> None:
+    p = sub.add_parser("policies", help="list the adaptation policies and their parameters")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=_policies)
+
+
+def _policies(args: argparse.Namespace) -> int:
+    from ttaserve.adapters import describe, param_schema, policy_names
+
+    rows = [{"name": n, "description": describe(n), "parameters": param_schema(n)} for n in policy_names()]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for row in rows:
+        params = ", ".join(f"{k}={v['default']}" for k, v in row["parameters"].items())
+        print(f"{row['name']:<10} {row['description']}\n{'':<10} parameters: {params or '-'}")
+    return 0
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train-demo", help="retrain the embedded demo weights (deterministic)")
+    p.add_argument("--kind", choices=("expert", "generalist"), default="expert")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help="Fashion-MNIST idx directory")
+    p.add_argument("--out", default=None, help="weights file (default: the packaged one)")
+    p.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ttaserve.models import weights_path
+    from ttaserve.models.train import save, train
+
+    torch.set_num_threads(2)  # the shipped weights were made with 2 threads
+    model, err = train(args.kind, epochs=args.epochs, seed=args.seed, data=args.data)
+    out = Path(args.out or weights_path(args.kind))
+    save(model, out)
+    print(f"{args.kind}: clean test error {err:.2f} %, weights written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ttaserve", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_serve, _add_policies, _add_train):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError) as exc:
+        logging.getLogger("ttaserve").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Assemble and run the server: gRPC (inference, health, reflection) + HTTP metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ttaserve.handlers.loader import LoadedModel, demo_model, load_repository
+from ttaserve.proto import grpc_service_pb2 as pb
+from ttaserve.proto import grpc_service_pb2_grpc as pb_grpc
+from ttaserve.server.inference import InferenceService
+from ttaserve.server.metrics import ServerMetrics
+from ttaserve.server.metrics_http import MetricsHTTPServer
+from ttaserve.server.repository import Repository, ServedModel
+from ttaserve.server.settings import ServerSettings
+from ttaserve.sessions import SessionLimits
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def load_models(settings: ServerSettings) -> list[LoadedModel]:
+    models = [demo_model()] if settings.demo else []
+    if settings.model_repository:
+        models += load_repository(settings.model_repository)
+    if not models:
+        raise ValueError("no model to serve: pass --model-repository DIR or keep the demo model")
+    return models
+
+
+@dataclass
+class Server:
+    """A running server; ``await stop()`` drains it."""
+
+    settings: ServerSettings
+    grpc_server: grpc.aio.Server
+    inference: InferenceService
+    health: health.aio.HealthServicer
+    repository: Repository
+    metrics: ServerMetrics
+    metrics_http: MetricsHTTPServer | None
+    grpc_port: int
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING first, refuse new requests, let in-flight ones finish."""
+        grace = self.settings.grace_s if grace is None else grace
+        self.inference.draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)
+        for model in self.repository:
+            model.shutdown()
+        if self.metrics_http is not None:
+            self.metrics_http.stop()
+        log.info("server stopped")
+
+
+async def start(settings: ServerSettings) -> Server:
+    metrics = ServerMetrics()
+    limits = SessionLimits(settings.session_idle_s, settings.max_sessions, settings.strict_sequences)
+    served = [
+        ServedModel(m, settings.policy, settings.policy_params, limits, metrics, settings.workers_per_model)
+        for m in load_models(settings)
+    ]
+    repository = Repository(served)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    server = grpc.aio.server(options=options)
+    inference = InferenceService(repository, metrics, settings.max_batch_size, settings.session_idle_s)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    if port == 0:
+        raise OSError(f"cannot bind gRPC on {settings.host}:{settings.grpc_port}")
+    await server.start()
+    for name in ("", INFERENCE_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_http = None
+    if settings.metrics_port >= 0:
+        metrics_http = MetricsHTTPServer(metrics.registry, settings.host, settings.metrics_port)
+    asyncio.get_running_loop().create_task(_expire_sessions(repository, settings.session_idle_s))
+    log.info("serving %s on %s:%d (gRPC), metrics on %s", [m.name for m in served],
+             settings.host, port, metrics_http.url if metrics_http else "off")
+    return Server(settings, server, inference, health_servicer, repository, metrics,
+                  metrics_http, port)
+
+
+async def _expire_sessions(repository: Repository, idle_s: float) -> None:
+    period = max(1.0, min(60.0, idle_s / 4))
+    while True:
+        await asyncio.sleep(period)
+        for model in repository:
+            model.engine.sessions.expire_idle()
+            model.metrics.live_sessions.labels(model.name).set(len(model.engine.sessions))
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    server = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"ttaserve ready: gRPC {settings.host}:{server.grpc_port}"
+          + (f", metrics {server.metrics_http.url}" if server.metrics_http else ""), flush=True)
+    await stop.wait()
+    log.info("signal received, draining for up to %.1f s", settings.grace_s)
+    await server.stop()

@@ -1,0 +1,54 @@
+"""One typed settings object for the server; CLI flags and TTASERVE_* env vars map onto it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    metrics_port: int = 8002  # 0 picks a free port, -1 disables the HTTP endpoint
+    policy: str = "source"  # default policy of every model without its own
+    policy_params: dict[str, Any] = field(default_factory=dict)
+    model_repository: str | None = None  # directory of <model>/config.json
+    demo: bool = True  # serve the embedded demo model as "demo"
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_batch_size: int = 256
+    session_idle_s: float = 600.0
+    max_sessions: int = 10_000
+    strict_sequences: bool = False
+    workers_per_model: int = 1
+    grace_s: float = 10.0
+    torch_threads: int = 0  # 0: leave torch's default
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> ServerSettings:
+        """Defaults, then TTASERVE_<FIELD> environment variables, then explicit overrides."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = os.environ.get(f"TTASERVE_{f.name.upper()}")
+            if raw is not None and f.name != "policy_params":
+                values[f.name] = _parse(f.type, raw, f.name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(kind: Any, raw: str, name: str) -> Any:
+    kind = str(kind)
+    try:
+        if kind.startswith("bool"):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"TTASERVE_{name.upper()}={raw!r} is not a valid {kind}") from exc
+    return raw
