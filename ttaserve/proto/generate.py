@@ -26,6 +26,11 @@ def generate(out_dir: Path) -> list[Path]:
     written = sorted(out_dir.glob("*_pb2*.py*"))
     for path in written:
         text = re.sub(r"^import (\w+_pb2)", r"from ttaserve.proto import \1", path.read_text(), flags=re.M)
+        if path.name.endswith("_pb2.py"):  # register into the private pool (see _pool.py)
+            text = text.replace("_descriptor_pool.Default()", "_pool.POOL").replace(
+                "from google.protobuf.internal import builder as _builder",
+                "from google.protobuf.internal import builder as _builder\nfrom ttaserve.proto import _pool",
+            )
         path.write_text(text)
     return written
 

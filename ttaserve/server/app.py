@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from ttaserve.handlers.loader import LoadedModel, demo_model, load_repository
 from ttaserve.proto import grpc_service_pb2 as pb
 from ttaserve.proto import grpc_service_pb2_grpc as pb_grpc
+from ttaserve.proto._pool import POOL
 from ttaserve.server.inference import InferenceService
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.metrics_http import MetricsHTTPServer
@@ -47,6 +49,7 @@ class Server:
     metrics: ServerMetrics
     metrics_http: MetricsHTTPServer | None
     grpc_port: int
+    housekeeping: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING first, refuse new requests, let in-flight ones finish."""
@@ -54,6 +57,8 @@ class Server:
         self.inference.draining = True
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
+        if self.housekeeping is not None:
+            self.housekeeping.cancel()
         for model in self.repository:
             model.shutdown()
         if self.metrics_http is not None:
@@ -79,7 +84,8 @@ async def start(settings: ServerSettings) -> Server:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server,
+        pool=_reflection_pool(),
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     if port == 0:
@@ -90,11 +96,27 @@ async def start(settings: ServerSettings) -> Server:
     metrics_http = None
     if settings.metrics_port >= 0:
         metrics_http = MetricsHTTPServer(metrics.registry, settings.host, settings.metrics_port)
-    asyncio.get_running_loop().create_task(_expire_sessions(repository, settings.session_idle_s))
+    housekeeping = asyncio.get_running_loop().create_task(
+        _expire_sessions(repository, settings.session_idle_s)
+    )
     log.info("serving %s on %s:%d (gRPC), metrics on %s", [m.name for m in served],
              settings.host, port, metrics_http.url if metrics_http else "off")
     return Server(settings, server, inference, health_servicer, repository, metrics,
-                  metrics_http, port)
+                  metrics_http, port, housekeeping)
+
+
+def _reflection_pool() -> Any:
+    """Our private descriptor pool plus the health and reflection services, so that
+    reflection clients (grpcurl) can discover everything the server offers."""
+    from grpc_health.v1 import health_pb2 as h
+    from grpc_reflection.v1alpha import reflection_pb2 as r
+
+    for module in (h, r):
+        try:
+            POOL.FindFileByName(module.DESCRIPTOR.name)
+        except KeyError:
+            POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return POOL
 
 
 async def _expire_sessions(repository: Repository, idle_s: float) -> None:

@@ -15,7 +15,7 @@ from ttaserve.errors import Unavailable
 from ttaserve.proto import grpc_service_pb2 as pb
 from ttaserve.proto import grpc_service_pb2_grpc as pb_grpc
 from ttaserve.proto import model_config_pb2 as mc
-from ttaserve.server.convert import InferRequest, decode_request, encode_response
+from ttaserve.server.convert import decode_request, encode_response
 from ttaserve.server.errors import code_label, status_of
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.repository import Repository, ServedModel

@@ -1,0 +1,54 @@
+"""Models beyond the demo: a Python factory with safetensors weights, and a .pt2 program."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ttaserve import Engine
+from ttaserve.handlers.loader import ModelConfigError, load_repository
+from ttaserve.models import demo, weights_path
+
+SPEC = {
+    "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28], "range": [0, 1]}],
+    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+}
+
+
+def _write(directory: Path, config: dict) -> None:
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def test_factory_and_program_models_match_the_demo(tmp_path: Path) -> None:
+    _write(tmp_path / "fashion", {**SPEC, "factory": "ttaserve.models.resnet:DemoResNet",
+                                  "weights": weights_path("expert"), "policy": "tbn"})
+    program = torch.export.export(demo(), (torch.rand(2, 1, 28, 28),),
+                                  dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=512)}})
+    _write(tmp_path / "exported", {**SPEC, "program": "model.pt2"})
+    torch.export.save(program, str(tmp_path / "exported" / "model.pt2"))
+
+    loaded = {m.spec.name: m for m in load_repository(tmp_path)}
+    assert loaded["fashion"].policy == "tbn"
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    reference = Engine(demo(), "tbn").predict(x)
+    for name in ("fashion", "exported"):
+        model = loaded[name].model
+        assert len(model.bn_layers) == 11 and model.num_classes == 10
+        assert torch.equal(Engine(model, "tbn").predict(x), reference)
+        features, _ = model.features_and_logits(x)
+        assert features.shape == (6, 64)
+
+
+def test_bad_configs_say_what_is_wrong(tmp_path: Path) -> None:
+    _write(tmp_path / "a", {**SPEC})
+    with pytest.raises(ModelConfigError, match="needs 'factory'"):
+        load_repository(tmp_path)
+    with pytest.raises(ModelConfigError, match="no <model>/config.json"):
+        load_repository(tmp_path / "a")
+    _write(tmp_path / "b" / "m", {**SPEC, "factory": "nodots"})
+    with pytest.raises(ModelConfigError, match="package.module:function"):
+        load_repository(tmp_path / "b")
