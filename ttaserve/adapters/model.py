@@ -41,6 +41,9 @@ class AdaptiveBatchNorm2d(nn.Module):
     It shares (does not copy) the source layer's parameters and buffers; they are frozen.
     """
 
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(self, bn: nn.BatchNorm2d, index: int, name: str) -> None:
         super().__init__()
         self.index = index
