@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ttaserve.adapters import Adapter, PreparedModel, canonical, create_adapter, prepare
+from ttaserve.adapters.guard import CollapseGuard, GuardConfig
 from ttaserve.errors import InvalidInput
 from ttaserve.sessions import SequenceId, Session, SessionLimits, SessionStore
 
@@ -34,6 +35,11 @@ class Engine:
 
     >>> engine = Engine(ttaserve.models.demo(), policy="alpha-bn", alpha=0.1)
     >>> logits = engine.predict(x, session="cam-1")
+
+    Every session of a stateful policy is watched by a :class:`CollapseGuard` (``guard``
+    configures it; ``GuardConfig(enabled=False)`` turns it off): when its adaptation
+    collapses or its state turns non-finite, the session is reset to the policy's initial
+    state and ``session.resets[reason]`` is incremented.
     """
 
     def __init__(
@@ -43,9 +49,11 @@ class Engine:
         *,
         limits: SessionLimits = SessionLimits(),
         on_drop: Callable[[Session, str], None] | None = None,
+        guard: GuardConfig = GuardConfig(),
         **params: Any,
     ) -> None:
         self.model = model if isinstance(model, PreparedModel) else prepare(model)
+        self.guard = guard
         self._adapters: dict[PolicyChoice, Adapter] = {}
         self.default = self._validated(PolicyChoice.of(policy, params))
         self.sessions = SessionStore(limits, on_drop)
@@ -77,9 +85,14 @@ class Engine:
         session = self.sessions.get(sequence_id)
         if session is not None:
             with session.lock:
-                session.state = session.adapter.init_state(self.model)
-                session.resets[reason] += 1
+                self._reset_locked(session, reason)
         return session
+
+    def _reset_locked(self, session: Session, reason: str) -> None:
+        session.state = session.adapter.init_state(self.model)
+        if session.guard is not None:
+            session.guard.reset()
+        session.resets[reason] += 1
 
     # -- prediction -------------------------------------------------------------------
     def predict(
@@ -116,16 +129,42 @@ class Engine:
     def _run(self, session: Session, x: torch.Tensor, adapt: bool) -> torch.Tensor:
         with session.lock:
             logits = session.adapter.forward(self.model, x, session.state, adapt)
+            logits = self._guarded(session, x, logits, adapt)
             session.batches += 1
             session.samples += x.shape[0]
             session.last_active = time.monotonic()
         return logits
 
+    def _guarded(self, session: Session, x: torch.Tensor, logits: torch.Tensor, adapt: bool) -> torch.Tensor:
+        """Show an adapted batch to the session's guard and reset on its verdict.
+
+        Non-finite logits are never returned: they can only come from a broken state (the
+        logits precede the update), so after the reset the batch is predicted again from the
+        fresh state (adapting on it if ``adapt``). ``adapt=False`` batches are not recorded
+        in the signals; they are only checked for finiteness."""
+        guard = session.guard
+        if guard is None:
+            return logits
+        finite = bool(torch.isfinite(logits).all())
+        reason = guard.observe(logits, session.state) if adapt else (None if finite else "non_finite")
+        if reason is None:
+            return logits
+        self._reset_locked(session, reason)
+        if finite:
+            return logits
+        logits = session.adapter.forward(self.model, x, session.state, adapt)
+        if adapt and guard.observe(logits, session.state) == "non_finite":
+            self._reset_locked(session, "non_finite")  # this batch's own update broke the state
+        if not bool(torch.isfinite(logits).all()):
+            raise InvalidInput("the model's output is not finite for this input, even from a fresh state")
+        return logits
+
     def _new_session(self, sequence_id: SequenceId, choice: PolicyChoice) -> Session:
         adapter = self.adapter(choice)
-        return Session(
-            sequence_id, choice.name, dict(choice.params), adapter, adapter.init_state(self.model)
-        )
+        state = adapter.init_state(self.model)
+        # Stateless policies (empty state) have nothing to reset, so they are not watched.
+        guard = CollapseGuard(self.guard) if self.guard.enabled and len(state) else None
+        return Session(sequence_id, choice.name, dict(choice.params), adapter, state, guard=guard)
 
 
 def check_input(x: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ttaserve.adapters import Adapter, TensorState
+from ttaserve.adapters.guard import CollapseGuard
 from ttaserve.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class Session:
     samples: int = 0
     resets: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Collapse signals of a stateful session (None: stateless policy or guard disabled).
+    guard: CollapseGuard | None = None
 
 
 @dataclass(frozen=True)
