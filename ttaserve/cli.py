@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import grpc
+
 
 def _param(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
@@ -48,6 +50,13 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--grace", dest="grace_s", type=float, default=None,
                    help="seconds to let in-flight requests finish on SIGTERM (default 10)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--auth-token-file", default=None, metavar="FILE",
+                   help="lines '<inference|admin> <token>'; also TTASERVE_INFERENCE_TOKENS / "
+                   "TTASERVE_ADMIN_TOKENS (comma-separated). With any token, auth is on")
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve TLS with this certificate")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                   help="require client certificates signed by this CA (mutual TLS)")
     p.set_defaults(run=_serve)
 
 
@@ -61,7 +70,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     fields = ("host", "grpc_port", "metrics_port", "policy", "model_repository", "demo",
               "max_message_bytes", "max_batch_size", "session_idle_s", "max_sessions",
-              "strict_sequences", "grace_s", "torch_threads")
+              "strict_sequences", "grace_s", "torch_threads", "auth_token_file", "tls_cert",
+              "tls_key", "tls_client_ca")
     settings = ServerSettings.from_env(
         **{f: getattr(args, f) for f in fields}, policy_params=dict(args.params) or None
     )
@@ -92,8 +102,11 @@ def _policies(args: argparse.Namespace) -> int:
 
 def _add_train(sub: Any) -> None:
     p = sub.add_parser("train-demo", help="retrain the embedded demo weights (deterministic)")
-    p.add_argument("--kind", choices=("expert", "generalist"), default="expert")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--kind", choices=("expert", "generalist"), default="expert",
+                   help="generalist: from scratch with augmentations (train it first); "
+                   "expert: the demo model, fine-tuned from the generalist on clean data")
+    p.add_argument("--epochs", type=int, default=None, help="default 4 (generalist), 2 (expert)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (0.1 / 0.02)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None, help="Fashion-MNIST idx directory")
     p.add_argument("--out", default=None, help="weights file (default: the packaged one)")
@@ -109,7 +122,15 @@ def _train(args: argparse.Namespace) -> int:
     from ttaserve.models.train import save, train
 
     torch.set_num_threads(2)  # the shipped weights were made with 2 threads
-    model, err = train(args.kind, epochs=args.epochs, seed=args.seed, data=args.data)
+    expert = args.kind == "expert"
+    model, err = train(
+        args.kind,
+        epochs=args.epochs or (2 if expert else 4),
+        lr=args.lr or (0.02 if expert else 0.1),
+        seed=args.seed,
+        data=args.data,
+        init=weights_path("generalist") if expert else None,
+    )
     out = Path(args.out or weights_path(args.kind))
     save(model, out)
     print(f"{args.kind}: clean test error {err:.2f} %, weights written to {out}")
@@ -122,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_serve, _add_policies, _add_train):
         add(sub)
+    from ttaserve.cli_control import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -135,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         logging.getLogger("ttaserve").error("%s", exc)
         return 2
+    except grpc.RpcError as exc:  # a control command refused by the server
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ benchmarks and the tests all predict through :meth:`Engine.predict`."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,10 +13,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from ttaserve import snapshot
 from ttaserve.adapters import Adapter, PreparedModel, canonical, create_adapter, prepare
 from ttaserve.adapters.guard import CollapseGuard, GuardConfig
-from ttaserve.errors import InvalidInput
+from ttaserve.adapters.model import observe_moments
+from ttaserve.drift import DriftTracker, symmetric_kl
+from ttaserve.errors import InvalidInput, NotFound
 from ttaserve.sessions import SequenceId, Session, SessionLimits, SessionStore
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one forward pass looked like, for metrics: the policy, the batch size, this
+    batch's drift signals and any resets it caused (by reason)."""
+
+    policy: str
+    batch: int
+    signals: dict[str, float]
+    resets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,10 +66,15 @@ class Engine:
         limits: SessionLimits = SessionLimits(),
         on_drop: Callable[[Session, str], None] | None = None,
         guard: GuardConfig = GuardConfig(),
+        monitor: Callable[[BatchReport], None] | None = None,
+        drift: bool = True,
         **params: Any,
     ) -> None:
         self.model = model if isinstance(model, PreparedModel) else prepare(model)
         self.guard = guard
+        self.monitor = monitor
+        self.drift = drift
+        self.fingerprint = model_fingerprint(self.model)
         self._adapters: dict[PolicyChoice, Adapter] = {}
         self.default = self._validated(PolicyChoice.of(policy, params))
         self.sessions = SessionStore(limits, on_drop)
@@ -90,6 +111,7 @@ class Engine:
 
     def _reset_locked(self, session: Session, reason: str) -> None:
         session.state = session.adapter.init_state(self.model)
+        session.drift = None  # signals restart with the state
         if session.guard is not None:
             session.guard.reset()
         session.resets[reason] += 1
@@ -113,7 +135,11 @@ class Engine:
         choice = self.default if policy is None else self._validated(PolicyChoice.of(policy))
         if session is None:
             adapter = self.adapter(choice)
-            return adapter.forward(self.model, x, adapter.init_state(self.model), adapt)
+            state = adapter.init_state(self.model)
+            with self._observed() as moments:
+                logits = adapter.forward(self.model, x, state, adapt)
+            self._report(choice.name, logits, moments, adapter.drift(state), None, ())
+            return logits
         live, created = self.sessions.open(session, start, lambda: self._new_session(session, choice))
         if not created and policy is not None and live.policy != choice.name:
             raise InvalidInput(
@@ -128,12 +154,82 @@ class Engine:
 
     def _run(self, session: Session, x: torch.Tensor, adapt: bool) -> torch.Tensor:
         with session.lock:
-            logits = session.adapter.forward(self.model, x, session.state, adapt)
+            resets_before = session.resets.copy()
+            with self._observed() as moments:
+                logits = session.adapter.forward(self.model, x, session.state, adapt)
             logits = self._guarded(session, x, logits, adapt)
             session.batches += 1
             session.samples += x.shape[0]
             session.last_active = time.monotonic()
+            caused = tuple((session.resets - resets_before).elements())
+            extra = session.adapter.drift(session.state)
+            if session.guard is not None:
+                extra = {**extra, **{f"guard_{k}": v for k, v in session.guard.signals().items()}}
+            self._report(session.policy, logits, moments, extra, session, caused)
         return logits
+
+    def _observed(self) -> Any:
+        return observe_moments() if self.drift else contextlib.nullcontext([])
+
+    def _report(self, policy: str, logits: torch.Tensor, moments: list[Any], extra: dict[str, float],
+                session: Session | None, resets: tuple[str, ...]) -> None:
+        if not self.drift and self.monitor is None:
+            return
+        tracker = session.drift if session is not None else None
+        if tracker is None:
+            tracker = DriftTracker(self.model.num_classes or logits.shape[1])
+            if session is not None:
+                session.drift = tracker
+        signals = tracker.update(logits, layer_divergence(moments), extra)
+        if self.monitor is not None:
+            self.monitor(BatchReport(policy, logits.shape[0], {**extra, **signals}, resets))
+
+    # -- observation and snapshots ----------------------------------------------------
+    def signals_of(self, session: Session) -> dict[str, float]:
+        """The session's drift signals (EMAs), policy-specific ones included."""
+        return dict(session.drift.signals) if session.drift is not None else {}
+
+    def layer_divergence(self, session: Session) -> dict[str, float]:
+        return dict(session.drift.layers) if session.drift is not None else {}
+
+    def snapshot(self, sequence_id: SequenceId) -> bytes:
+        """The session's policy, state and counters as versioned, checksummed bytes."""
+        session = self.sessions.get(sequence_id)
+        if session is None:
+            raise NotFound(f"no live session {sequence_id!r}")
+        with session.lock:
+            tensors = {f"state.{k}": v for k, v in session.state.state_dict().items()}
+            if session.guard is not None:
+                tensors.update({f"guard.{k}": v for k, v in session.guard.state.state_dict().items()})
+            meta = {
+                "model": self.fingerprint, "policy": session.policy, "params": session.params,
+                "batches": session.batches, "samples": session.samples,
+                "resets": dict(session.resets), "created": session.created,
+                "signals": self.signals_of(session),
+            }
+        return snapshot.encode(meta, tensors)
+
+    def restore(self, sequence_id: SequenceId, data: bytes) -> Session:
+        """Replace (or create) a session from :meth:`snapshot` bytes; nothing changes if the
+        bytes are corrupt or were taken from a different model."""
+        meta, tensors = snapshot.decode(data)
+        if meta.get("model") != self.fingerprint:
+            raise InvalidInput("this snapshot was taken from a different model (architecture "
+                               "fingerprint mismatch); restore it on a replica of that model")
+        choice = self._validated(PolicyChoice.of(meta["policy"], meta.get("params", {})))
+        session = self._new_session(sequence_id, choice)
+        try:
+            session.state.load_state_dict(_section(tensors, "state."))
+            if session.guard is not None:
+                session.guard.state.load_state_dict(_section(tensors, "guard."))
+        except ValueError as exc:
+            raise InvalidInput(f"snapshot does not fit policy {choice.name!r}: {exc}") from exc
+        session.batches, session.samples = int(meta["batches"]), int(meta["samples"])
+        session.resets.update(meta.get("resets", {}))
+        session.created = float(meta.get("created", session.created))
+        session.drift = DriftTracker(self.model.num_classes, signals=dict(meta.get("signals", {})))
+        self.sessions.open(sequence_id, True, lambda: session)
+        return session
 
     def _guarded(self, session: Session, x: torch.Tensor, logits: torch.Tensor, adapt: bool) -> torch.Tensor:
         """Show an adapted batch to the session's guard and reset on its verdict.
@@ -165,6 +261,26 @@ class Engine:
         # Stateless policies (empty state) have nothing to reset, so they are not watched.
         guard = CollapseGuard(self.guard) if self.guard.enabled and len(state) else None
         return Session(sequence_id, choice.name, dict(choice.params), adapter, state, guard=guard)
+
+
+def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def layer_divergence(moments: list[Any]) -> dict[str, float]:
+    """Per BN layer: mean over channels of the symmetric KL between the batch's and the
+    source statistics (averaged when a layer ran more than once in the pass)."""
+    sums: dict[str, list[float]] = {}
+    for layer, mean, var in moments:
+        value = float(symmetric_kl(mean, var, layer.running_mean, layer.running_var).mean())
+        sums.setdefault(layer.layer_name, []).append(value)
+    return {name: sum(v) / len(v) for name, v in sums.items()}
+
+
+def model_fingerprint(model: PreparedModel) -> str:
+    """Identifies an architecture (parameter and buffer names and shapes), not its weights."""
+    spec = ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.module.state_dict().items())
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
 def check_input(x: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ttaserve.adapters import Adapter, TensorState
 from ttaserve.adapters.guard import CollapseGuard
+from ttaserve.drift import DriftTracker
 from ttaserve.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Collapse signals of a stateful session (None: stateless policy or guard disabled).
     guard: CollapseGuard | None = None
+    # Drift signals (EMAs) of this stream; see ttaserve/drift.py.
+    drift: DriftTracker | None = None
 
 
 @dataclass(frozen=True)

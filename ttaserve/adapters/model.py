@@ -26,6 +26,9 @@ NormHook = Callable[["AdaptiveBatchNorm2d", torch.Tensor], torch.Tensor]
 _NORM_HOOK: contextvars.ContextVar[NormHook | None] = contextvars.ContextVar(
     "ttaserve_norm_hook", default=None
 )
+_MOMENTS: contextvars.ContextVar[list[tuple[AdaptiveBatchNorm2d, torch.Tensor, torch.Tensor]] | None] = (
+    contextvars.ContextVar("ttaserve_moments", default=None)
+)
 _FEATURES: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
     "ttaserve_features", default=None
 )
@@ -57,6 +60,10 @@ class AdaptiveBatchNorm2d(nn.Module):
         self.register_buffer("running_var", bn.running_var)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        sink = _MOMENTS.get()
+        if sink is not None:  # drift monitoring: what the data looks like at this layer
+            var, mean = torch.var_mean(z.detach(), dim=(0, 2, 3), correction=0)
+            sink.append((self, mean, var))
         hook = _NORM_HOOK.get()
         if hook is None:
             return self.source(z)
@@ -91,6 +98,17 @@ def normalizer(hook: NormHook | None) -> Iterator[None]:
         yield
     finally:
         _NORM_HOOK.reset(token)
+
+
+@contextlib.contextmanager
+def observe_moments() -> Iterator[list[tuple[AdaptiveBatchNorm2d, torch.Tensor, torch.Tensor]]]:
+    """Collect (layer, batch mean, batch variance) of every BatchNorm2d input in this context."""
+    sink: list[tuple[AdaptiveBatchNorm2d, torch.Tensor, torch.Tensor]] = []
+    token = _MOMENTS.set(sink)
+    try:
+        yield sink
+    finally:
+        _MOMENTS.reset(token)
 
 
 @dataclass

@@ -13,9 +13,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ttaserve.handlers.loader import LoadedModel, demo_model, load_repository
+from ttaserve.proto import control_pb2 as control_pb
+from ttaserve.proto import control_pb2_grpc as control_grpc
 from ttaserve.proto import grpc_service_pb2 as pb
 from ttaserve.proto import grpc_service_pb2_grpc as pb_grpc
 from ttaserve.proto._pool import POOL
+from ttaserve.server.auth import AuthInterceptor, Tokens
+from ttaserve.server.control import ControlService
 from ttaserve.server.inference import InferenceService
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.metrics_http import MetricsHTTPServer
@@ -26,6 +30,7 @@ from ttaserve.sessions import SessionLimits
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+CONTROL_SERVICE = control_pb.DESCRIPTOR.services_by_name["AdaptationService"].full_name
 
 
 def load_models(settings: ServerSettings) -> list[LoadedModel]:
@@ -74,24 +79,31 @@ async def start(settings: ServerSettings) -> Server:
         for m in load_models(settings)
     ]
     repository = Repository(served)
+    metrics.watch_sessions(lambda: (row for model in repository for row in model.session_signals()))
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
-    server = grpc.aio.server(options=options)
+    tokens = Tokens.load(settings.auth_token_file)
+    interceptors = [AuthInterceptor(tokens)] if tokens.enabled else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     inference = InferenceService(repository, metrics, settings.max_batch_size, settings.session_idle_s)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+    control_grpc.add_AdaptationServiceServicer_to_server(ControlService(repository), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server,
+        (INFERENCE_SERVICE, CONTROL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server,
         pool=_reflection_pool(),
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    address = f"{settings.host}:{settings.grpc_port}"
+    credentials = _tls_credentials(settings)
+    port = (server.add_secure_port(address, credentials) if credentials
+            else server.add_insecure_port(address))
     if port == 0:
         raise OSError(f"cannot bind gRPC on {settings.host}:{settings.grpc_port}")
     await server.start()
-    for name in ("", INFERENCE_SERVICE):
+    for name in ("", INFERENCE_SERVICE, CONTROL_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_http = None
     if settings.metrics_port >= 0:
@@ -99,10 +111,26 @@ async def start(settings: ServerSettings) -> Server:
     housekeeping = asyncio.get_running_loop().create_task(
         _expire_sessions(repository, settings.session_idle_s)
     )
-    log.info("serving %s on %s:%d (gRPC), metrics on %s", [m.name for m in served],
-             settings.host, port, metrics_http.url if metrics_http else "off")
+    log.info("serving %s on %s:%d (gRPC%s, auth %s), metrics on %s", [m.name for m in served],
+             settings.host, port, "+TLS" if credentials else "", "on" if tokens.enabled else "off",
+             metrics_http.url if metrics_http else "off")
     return Server(settings, server, inference, health_servicer, repository, metrics,
                   metrics_http, port, housekeeping)
+
+
+def _tls_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        if settings.tls_key or settings.tls_client_ca:
+            raise ValueError("--tls-key/--tls-client-ca need --tls-cert")
+        return None
+    if not settings.tls_key:
+        raise ValueError("--tls-cert needs --tls-key")
+    read = lambda path: open(path, "rb").read()  # noqa: E731
+    ca = read(settings.tls_client_ca) if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(settings.tls_key), read(settings.tls_cert))], root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
 
 def _reflection_pool() -> Any:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -38,3 +43,49 @@ class ServerMetrics:
         self.resets = Counter(
             "ttaserve_session_resets", "Session state resets by reason",
             ["model", "policy", "reason"], registry=r)
+        self.batch_drift = Histogram(
+            "ttaserve_batch_drift_score", "Per-batch BN-statistics divergence from source",
+            ["model", "policy"], buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100), registry=r)
+
+    def watch_sessions(self, sessions: Callable[[], Iterable[tuple[str, str, dict[str, float]]]]) -> None:
+        """Export, at scrape time, the mean drift signals of live sessions per model/policy.
+        ``sessions()`` yields (model, policy, signals) for every live session."""
+        self.registry.register(_SessionSignals(sessions))
+
+
+# Signals exported as their own metric names; anything else a policy reports goes to
+# ttaserve_policy_signal{signal=...}.
+_NAMED = {
+    "norm_divergence": ("ttaserve_drift_score", "Mean BN-statistics divergence from source (symmetric KL) of live sessions"),
+    "entropy": ("ttaserve_prediction_entropy_nats", "Mean prediction entropy of live sessions"),
+    "label_shift": ("ttaserve_label_shift", "Total-variation distance of predicted labels from the source prior"),
+}
+
+
+class _SessionSignals(Collector):
+    def __init__(self, sessions: Callable[[], Iterable[tuple[str, str, dict[str, float]]]]) -> None:
+        self._sessions = sessions
+
+    def collect(self) -> Iterator[Any]:
+        sums: dict[tuple[str, str, str], list[float]] = {}
+        for model, policy, signals in self._sessions():
+            for name, value in signals.items():
+                sums.setdefault((model, policy, name), []).append(value)
+        named = {n: GaugeMetricFamily(m, h, labels=["model", "policy"]) for n, (m, h) in _NAMED.items()}
+        other = GaugeMetricFamily("ttaserve_policy_signal", "Policy-specific signals, mean over live sessions",
+                                  labels=["model", "policy", "signal"])
+        sessions = GaugeMetricFamily("ttaserve_sessions", "Live sessions per model and policy",
+                                     labels=["model", "policy"])
+        counts: dict[tuple[str, str], int] = {}
+        for (model, policy, name), values in sums.items():
+            mean = sum(values) / len(values)
+            if name in named:
+                named[name].add_metric([model, policy], mean)
+                counts[(model, policy)] = max(counts.get((model, policy), 0), len(values))
+            else:
+                other.add_metric([model, policy, name], mean)
+        for (model, policy), n in counts.items():
+            sessions.add_metric([model, policy], n)
+        yield from named.values()
+        yield other
+        yield sessions

@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ttaserve.engine import Engine, PolicyChoice
+from ttaserve.engine import BatchReport, Engine, PolicyChoice
 from ttaserve.errors import NotFound
 from ttaserve.handlers.loader import LoadedModel
 from ttaserve.handlers.spec import ModelSpec
@@ -56,6 +57,7 @@ class ServedModel:
             loaded.policy or default_policy,
             limits=limits,
             on_drop=self._session_dropped,
+            monitor=self._observe_batch,
             **(loaded.params if loaded.policy else default_params),
         )
         self.stats = Statistics()
@@ -111,6 +113,17 @@ class ServedModel:
         self.metrics.compute_seconds.labels(self.name, policy).observe(compute_ns / 1e9)
         self.metrics.batch_size.labels(self.name).observe(batch)
         self.metrics.live_sessions.labels(self.name).set(len(self.engine.sessions))
+
+    def _observe_batch(self, report: BatchReport) -> None:
+        for reason in report.resets:
+            self.metrics.resets.labels(self.name, report.policy, reason).inc()
+        if "norm_divergence" in report.signals:
+            self.metrics.batch_drift.labels(self.name, report.policy).observe(report.signals["norm_divergence"])
+
+    def session_signals(self) -> Iterator[tuple[str, str, dict[str, float]]]:
+        for session in self.engine.sessions.snapshot():
+            if session.drift is not None:
+                yield self.name, session.policy, dict(session.drift.signals)
 
     def _session_dropped(self, session: Session, reason: str) -> None:
         self.metrics.session_events.labels(self.name, reason).inc()

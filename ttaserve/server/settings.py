@@ -24,6 +24,10 @@ class ServerSettings:
     strict_sequences: bool = False
     workers_per_model: int = 1
     grace_s: float = 10.0
+    auth_token_file: str | None = None  # lines '<inference|admin> <token>'; env tokens too
+    tls_cert: str | None = None  # PEM certificate chain: serve TLS instead of plaintext
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA bundle: require client certificates (mTLS)
     torch_threads: int = 0  # 0: leave torch's default
 
     @classmethod

@@ -1,0 +1,139 @@
+"""``ttaserve policy ...`` and ``ttaserve sessions ...``: tables for people, --json for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+
+def add_commands(sub: Any) -> None:
+    policy = sub.add_parser("policy", help="list, show or change adaptation policies of a running server")
+    _common(policy)
+    psub = policy.add_subparsers(dest="action", required=True)
+    psub.add_parser("list", help="policies the server offers, with parameters")
+    get = psub.add_parser("get", help="a model's default policy, or one sequence's")
+    get.add_argument("model")
+    get.add_argument("--sequence", help="sequence id (default: the model's default policy)")
+    put = psub.add_parser("set", help="set a model's default policy, or switch one sequence (resets it)")
+    put.add_argument("model")
+    put.add_argument("policy")
+    put.add_argument("--sequence", help="sequence id (default: the model's default for new sessions)")
+    put.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE")
+    policy.set_defaults(run=_policy)
+
+    sessions = sub.add_parser("sessions", help="inspect, reset, snapshot or restore adaptation sessions")
+    _common(sessions)
+    ssub = sessions.add_subparsers(dest="action", required=True)
+    listing = ssub.add_parser("list", help="live sessions with policy, counters and drift")
+    listing.add_argument("--model", default="")
+    for name, text in (("show", "drift signals and counters of one session"),
+                       ("reset", "restore a session's initial state"),
+                       ("snapshot", "write a session's state to a file"),
+                       ("restore", "load a session's state from a file")):
+        p = ssub.add_parser(name, help=text)
+        p.add_argument("model")
+        p.add_argument("sequence")
+        if name in ("snapshot", "restore"):
+            p.add_argument("file", help="snapshot file")
+    sessions.set_defaults(run=_sessions)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None, help="server address (env TTASERVE_URL, default 127.0.0.1:8001)")
+    parser.add_argument("--token", default=None, help="admin token (env TTASERVE_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from ttaserve.client import ControlClient
+
+    return ControlClient(args.url, args.token)
+
+
+def _emit(args: argparse.Namespace, message: Any, table: str) -> None:
+    if args.json:
+        print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
+    else:
+        print(table)
+
+
+def _params(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--param expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _policy_line(info: Any) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in sorted(info.params_json.items())) or "-"
+    seq = info.sequence_id.WhichOneof("kind")
+    scope = f"sequence {getattr(info.sequence_id, seq)}" if seq else "default"
+    return f"{info.model} ({scope}): {info.policy}  [{params}]"
+
+
+def _policy(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.action == "list":
+        response = client.list_policies()
+        rows = [(p.name, ", ".join(f"{q.name}={json.loads(q.default_json)}" for q in p.parameters) or "-",
+                 p.description) for p in response.policies]
+        _emit(args, response, _table(("POLICY", "PARAMETERS", "DESCRIPTION"), rows))
+    elif args.action == "get":
+        info = client.get_policy(args.model, args.sequence)
+        _emit(args, info, _policy_line(info))
+    else:
+        info = client.set_policy(args.model, args.policy, _params(args.params), args.sequence)
+        _emit(args, info, _policy_line(info))
+    return 0
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.action == "list":
+        response = client.list_sessions(args.model)
+        rows = [(s.model, _seq(s.sequence_id), s.policy, s.batches, s.samples, f"{s.drift_score:.3f}",
+                 f"{s.entropy:.3f}", s.resets, f"{s.idle_seconds:.0f}s") for s in response.sessions]
+        _emit(args, response, _table(("MODEL", "SEQUENCE", "POLICY", "BATCHES", "SAMPLES", "DRIFT",
+                                      "ENTROPY", "RESETS", "IDLE"), rows))
+    elif args.action == "show":
+        detail = client.describe(args.model, args.sequence)
+        lines = [f"{detail.info.model} sequence {args.sequence}: {detail.info.policy}, "
+                 f"{detail.info.batches} batches, {detail.info.samples} samples, "
+                 f"{detail.info.state_bytes} bytes of state"]
+        lines += [f"  {k:<24} {v:.4f}" for k, v in sorted(detail.signals.items())]
+        lines += [f"  resets[{k}] = {v}" for k, v in sorted(detail.resets_by_reason.items())]
+        _emit(args, detail, "\n".join(lines))
+    elif args.action == "reset":
+        info = client.reset(args.model, args.sequence)
+        _emit(args, info, f"reset {info.model} sequence {args.sequence} ({info.policy})")
+    elif args.action == "snapshot":
+        data = client.snapshot(args.model, args.sequence)
+        with open(args.file, "wb") as f:
+            f.write(data)
+        print(f"wrote {len(data)} bytes to {args.file}", file=sys.stderr)
+    else:
+        with open(args.file, "rb") as f:
+            info = client.restore(args.model, args.sequence, f.read())
+        _emit(args, info, f"restored {info.model} sequence {args.sequence} ({info.policy}, {info.batches} batches)")
+    return 0
+
+
+def _seq(ref: Any) -> str:
+    kind = ref.WhichOneof("kind")
+    return str(getattr(ref, kind)) if kind else "-"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    cells = [header, *[tuple(str(c) for c in r) for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
