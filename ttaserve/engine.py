@@ -132,7 +132,7 @@ class Engine:
         ``session=None`` adapts on this batch alone and keeps nothing. ``policy`` may only
         be given on a session's first request (or with ``start``)."""
         check_input(x)
-        choice = self.default if policy is None else self._validated(PolicyChoice.of(policy))
+        choice = self.choice_for(policy)
         if session is None:
             adapter = self.adapter(choice)
             state = adapter.init_state(self.model)
@@ -140,17 +140,27 @@ class Engine:
                 logits = adapter.forward(self.model, x, state, adapt)
             self._report(choice.name, logits, moments, adapter.drift(state), None, ())
             return logits
-        live, created = self.sessions.open(session, start, lambda: self._new_session(session, choice))
-        if not created and policy is not None and live.policy != choice.name:
-            raise InvalidInput(
-                f"sequence {session!r} already runs policy {live.policy!r}; tta_policy can only "
-                "be chosen on a sequence's first request (or use SetPolicy to switch it)"
-            )
+        live = self.open_session(session, choice, policy is not None, start)
         try:
             return self._run(live, x, adapt)
         finally:
             if end:
                 self.sessions.end(session)
+
+    def choice_for(self, policy: str | None) -> PolicyChoice:
+        """The policy a request asks for (``tta_policy``), or the model's default."""
+        return self.default if policy is None else self._validated(PolicyChoice.of(policy))
+
+    def open_session(self, sequence_id: SequenceId, choice: PolicyChoice, explicit: bool,
+                     start: bool) -> Session:
+        """The live session for a request (created on start or first sight)."""
+        live, created = self.sessions.open(sequence_id, start, lambda: self._new_session(sequence_id, choice))
+        if not created and explicit and live.policy != choice.name:
+            raise InvalidInput(
+                f"sequence {sequence_id!r} already runs policy {live.policy!r}; tta_policy can only "
+                "be chosen on a sequence's first request (or use SetPolicy to switch it)"
+            )
+        return live
 
     def _run(self, session: Session, x: torch.Tensor, adapt: bool) -> torch.Tensor:
         with session.lock:
@@ -168,11 +178,11 @@ class Engine:
             self._report(session.policy, logits, moments, extra, session, caused)
         return logits
 
-    def _observed(self) -> Any:
-        return observe_moments() if self.drift else contextlib.nullcontext([])
+    def _observed(self, offsets: list[int] | None = None) -> Any:
+        return observe_moments(offsets) if self.drift else contextlib.nullcontext([])
 
     def _report(self, policy: str, logits: torch.Tensor, moments: list[Any], extra: dict[str, float],
-                session: Session | None, resets: tuple[str, ...]) -> None:
+                session: Session | None, resets: tuple[str, ...], segment: int | None = None) -> None:
         if not self.drift and self.monitor is None:
             return
         tracker = session.drift if session is not None else None
@@ -180,7 +190,7 @@ class Engine:
             tracker = DriftTracker(self.model.num_classes or logits.shape[1])
             if session is not None:
                 session.drift = tracker
-        signals = tracker.update(logits, layer_divergence(moments), extra)
+        signals = tracker.update(logits, layer_divergence(moments, segment), extra)
         if self.monitor is not None:
             self.monitor(BatchReport(policy, logits.shape[0], {**extra, **signals}, resets))
 
@@ -267,11 +277,14 @@ def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def layer_divergence(moments: list[Any]) -> dict[str, float]:
+def layer_divergence(moments: list[Any], segment: int | None = None) -> dict[str, float]:
     """Per BN layer: mean over channels of the symmetric KL between the batch's and the
-    source statistics (averaged when a layer ran more than once in the pass)."""
+    source statistics (averaged when a layer ran more than once in the pass). With
+    ``segment``, moments were recorded per segment ([S, C]) and row ``segment`` is used."""
     sums: dict[str, list[float]] = {}
     for layer, mean, var in moments:
+        if segment is not None:
+            mean, var = mean[segment], var[segment]
         value = float(symmetric_kl(mean, var, layer.running_mean, layer.running_var).mean())
         sums.setdefault(layer.layer_name, []).append(value)
     return {name: sum(v) / len(v) for name, v in sums.items()}

@@ -27,7 +27,7 @@ import torch
 from ttaserve.adapters.base import TensorState
 from ttaserve.adapters.model import AdaptiveBatchNorm2d, NormHook, PreparedModel, normalizer
 from ttaserve.adapters.registry import register, register_alias
-from ttaserve.kernels import batch_moments, normalize
+from ttaserve.kernels import batch_moments, normalize, segment_moments
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,19 @@ def alpha_bn_norm(alpha: float) -> NormHook:
 
     def norm(layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
         mean_t, var_t = batch_moments(z)
+        mean = alpha * layer.running_mean + (1.0 - alpha) * mean_t
+        var = alpha * layer.running_var + (1.0 - alpha) * var_t
+        return normalize(z, mean, var, layer.weight, layer.bias, layer.eps)
+
+    return norm
+
+
+def segmented_alpha_bn_norm(alpha: float, offsets: list[int]) -> NormHook:
+    """As :func:`alpha_bn_norm` for a batch made of several requests: each request segment
+    is normalized with its own batch statistics."""
+
+    def norm(layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
+        mean_t, var_t = segment_moments(z, offsets)
         mean = alpha * layer.running_mean + (1.0 - alpha) * mean_t
         var = alpha * layer.running_var + (1.0 - alpha) * var_t
         return normalize(z, mean, var, layer.weight, layer.bias, layer.eps)
@@ -72,6 +85,10 @@ class AlphaBN:
         self, model: PreparedModel, x: torch.Tensor, state: TensorState, adapt: bool = True
     ) -> torch.Tensor:
         with torch.no_grad(), normalizer(alpha_bn_norm(self.params.alpha)):
+            return model(x)
+
+    def forward_segments(self, model: PreparedModel, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+        with torch.no_grad(), normalizer(segmented_alpha_bn_norm(self.params.alpha, offsets)):
             return model(x)
 
     def drift(self, state: TensorState) -> dict[str, float]:

@@ -29,6 +29,9 @@ _NORM_HOOK: contextvars.ContextVar[NormHook | None] = contextvars.ContextVar(
 _MOMENTS: contextvars.ContextVar[list[tuple[AdaptiveBatchNorm2d, torch.Tensor, torch.Tensor]] | None] = (
     contextvars.ContextVar("ttaserve_moments", default=None)
 )
+_SEGMENTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "ttaserve_segments", default=None
+)
 _FEATURES: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
     "ttaserve_features", default=None
 )
@@ -62,8 +65,7 @@ class AdaptiveBatchNorm2d(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         sink = _MOMENTS.get()
         if sink is not None:  # drift monitoring: what the data looks like at this layer
-            var, mean = torch.var_mean(z.detach(), dim=(0, 2, 3), correction=0)
-            sink.append((self, mean, var))
+            sink.append((self, *_moments(z.detach(), _SEGMENTS.get())))
         hook = _NORM_HOOK.get()
         if hook is None:
             return self.source(z)
@@ -100,14 +102,27 @@ def normalizer(hook: NormHook | None) -> Iterator[None]:
         _NORM_HOOK.reset(token)
 
 
+def _moments(z: torch.Tensor, offsets: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if offsets is None:
+        var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+        return mean, var
+    pairs = [torch.var_mean(z[a:b], dim=(0, 2, 3), correction=0) for a, b in zip(offsets[:-1], offsets[1:])]
+    return torch.stack([m for _, m in pairs]), torch.stack([v for v, _ in pairs])
+
+
 @contextlib.contextmanager
-def observe_moments() -> Iterator[list[tuple[AdaptiveBatchNorm2d, torch.Tensor, torch.Tensor]]]:
-    """Collect (layer, batch mean, batch variance) of every BatchNorm2d input in this context."""
+def observe_moments(
+    offsets: list[int] | None = None,
+) -> Iterator[list[tuple[AdaptiveBatchNorm2d, torch.Tensor, torch.Tensor]]]:
+    """Collect (layer, batch mean, batch variance) of every BatchNorm2d input in this context;
+    with ``offsets`` (a batch made of several requests) per segment, as [S, C]."""
     sink: list[tuple[AdaptiveBatchNorm2d, torch.Tensor, torch.Tensor]] = []
     token = _MOMENTS.set(sink)
+    seg_token = _SEGMENTS.set(offsets)
     try:
         yield sink
     finally:
+        _SEGMENTS.reset(seg_token)
         _MOMENTS.reset(token)
 
 

@@ -39,5 +39,10 @@ class Source:
         with torch.no_grad(), normalizer(None):
             return model(x)
 
+    def forward_segments(self, model: PreparedModel, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+        """Several requests in one pass: samples never interact under source statistics."""
+        with torch.no_grad(), normalizer(None):
+            return model(x)
+
     def drift(self, state: TensorState) -> dict[str, float]:
         return {}
