@@ -47,6 +47,9 @@ def _add_serve(sub: Any) -> None:
                    help="live sessions per model before the least recently used is evicted")
     p.add_argument("--strict-sequences", action="store_true", default=None,
                    help="like Triton: an unknown sequence id needs sequence_start")
+    p.add_argument("--batch-delay-us", type=int, default=None, metavar="US",
+                   help="dynamic batching: wait up to US microseconds to put requests of "
+                   "several sessions into one forward pass (default 0 = off)")
     p.add_argument("--grace", dest="grace_s", type=float, default=None,
                    help="seconds to let in-flight requests finish on SIGTERM (default 10)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
@@ -70,7 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     fields = ("host", "grpc_port", "metrics_port", "policy", "model_repository", "demo",
               "max_message_bytes", "max_batch_size", "session_idle_s", "max_sessions",
-              "strict_sequences", "grace_s", "torch_threads", "auth_token_file", "tls_cert",
+              "strict_sequences", "grace_s", "torch_threads", "batch_delay_us", "auth_token_file", "tls_cert",
               "tls_key", "tls_client_ca")
     settings = ServerSettings.from_env(
         **{f: getattr(args, f) for f in fields}, policy_params=dict(args.params) or None

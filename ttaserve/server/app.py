@@ -75,7 +75,8 @@ async def start(settings: ServerSettings) -> Server:
     metrics = ServerMetrics()
     limits = SessionLimits(settings.session_idle_s, settings.max_sessions, settings.strict_sequences)
     served = [
-        ServedModel(m, settings.policy, settings.policy_params, limits, metrics, settings.workers_per_model)
+        ServedModel(m, settings.policy, settings.policy_params, limits, metrics, settings.workers_per_model,
+                    settings.max_batch_size, settings.batch_delay_us / 1e6)
         for m in load_models(settings)
     ]
     repository = Repository(served)

@@ -8,19 +8,21 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ttaserve.batching import Request, predict_many
 from ttaserve.engine import BatchReport, Engine, PolicyChoice
 from ttaserve.errors import NotFound
 from ttaserve.handlers.loader import LoadedModel
 from ttaserve.handlers.spec import ModelSpec
 from ttaserve.server.convert import InferRequest
 from ttaserve.server.metrics import ServerMetrics
+from ttaserve.server.scheduler import Batcher
 from ttaserve.sessions import Session, SessionLimits
 
 
@@ -49,6 +51,8 @@ class ServedModel:
         limits: SessionLimits,
         metrics: ServerMetrics,
         workers: int = 1,
+        max_batch: int = 256,
+        batch_delay_s: float = 0.0,
     ) -> None:
         self.spec: ModelSpec = loaded.spec
         self.metrics = metrics
@@ -62,6 +66,11 @@ class ServedModel:
         )
         self.stats = Statistics()
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"model-{self.spec.name}")
+        # Cross-session batching (off unless a delay is configured): see ttaserve/batching.py.
+        self.batcher: Batcher[tuple[InferRequest, int], tuple[dict[str, np.ndarray], str]] | None = None
+        if batch_delay_s > 0:
+            self.batcher = Batcher(self._infer_many_sync, self._executor,
+                                   lambda item: _batch_size(item[0]), max_batch, batch_delay_s)
 
     @property
     def name(self) -> str:
@@ -70,16 +79,36 @@ class ServedModel:
     async def infer(self, request: InferRequest) -> tuple[dict[str, np.ndarray], str]:
         """Run the request on the model's worker; returns (outputs, policy used)."""
         enqueued = time.perf_counter_ns()
+        if self.batcher is not None:
+            return await self.batcher.submit((request, enqueued))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._infer_sync, request, enqueued)
+
+    def _infer_many_sync(
+        self, items: Sequence[tuple[InferRequest, int]]
+    ) -> list[tuple[dict[str, np.ndarray], str] | Exception]:
+        started = time.perf_counter_ns()
+        policies = [self._policy_of(r) for r, _ in items]
+        requests = [Request(_tensor(r), r.sequence_id, r.adapt, r.policy, r.start, r.end) for r, _ in items]
+        with torch.inference_mode(False):
+            results = predict_many(self.engine, requests)
+        done = time.perf_counter_ns()
+        (out_name,) = (t.name for t in self.spec.outputs)
+        out: list[tuple[dict[str, np.ndarray], str] | Exception] = []
+        for (request, enqueued), policy, result in zip(items, policies, results):
+            self.metrics.queue_seconds.labels(self.name).observe((started - enqueued) / 1e9)
+            if isinstance(result, Exception):
+                out.append(result)
+                continue
+            out.append(({out_name: result.detach().numpy()}, policy))
+        self._observe(sum(r.x.shape[0] for r in requests), started - items[0][1], done - started,
+                      policies[0])
+        return out
 
     def _infer_sync(self, request: InferRequest, enqueued: int) -> tuple[dict[str, np.ndarray], str]:
         started = time.perf_counter_ns()
         self.metrics.queue_seconds.labels(self.name).observe((started - enqueued) / 1e9)
-        (array,) = request.inputs.values()
-        with warnings.catch_warnings():  # a read-only view: policies never write their input
-            warnings.simplefilter("ignore", UserWarning)
-            x = torch.from_numpy(array)
+        x = _tensor(request)
         policy = self._policy_of(request)
         with torch.inference_mode(False):
             logits = self.engine.predict(
@@ -129,7 +158,21 @@ class ServedModel:
         self.metrics.session_events.labels(self.name, reason).inc()
 
     def shutdown(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         self._executor.shutdown(wait=True)
+
+
+def _tensor(request: InferRequest) -> torch.Tensor:
+    (array,) = request.inputs.values()
+    with warnings.catch_warnings():  # a read-only view: policies never write their input
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def _batch_size(request: InferRequest) -> int:
+    (array,) = request.inputs.values()
+    return int(array.shape[0])
 
 
 class Repository:

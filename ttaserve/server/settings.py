@@ -23,12 +23,20 @@ class ServerSettings:
     max_sessions: int = 10_000
     strict_sequences: bool = False
     workers_per_model: int = 1
+    batch_delay_us: int = 0  # >0: gather requests this long and batch across sessions
     grace_s: float = 10.0
     auth_token_file: str | None = None  # lines '<inference|admin> <token>'; env tokens too
     tls_cert: str | None = None  # PEM certificate chain: serve TLS instead of plaintext
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA bundle: require client certificates (mTLS)
     torch_threads: int = 0  # 0: leave torch's default
+    # Reliability caps and durability (README "Reliability and limits").
+    max_concurrent_rpcs: int = 1000  # in-flight RPCs (a stream counts once); 0: no cap
+    max_queue: int = 256  # requests waiting for or running on one model's worker; 0: no cap
+    request_timeout_s: float = 30.0  # a request not started within this is not run; 0: none
+    outlier_divergence: float = 15.0  # poisoning gate threshold (ttaserve/outliers.py); 0: off
+    state_dir: str | None = None  # persist sessions here (server/persistence.py)
+    state_interval_s: float = 30.0  # periodic write of changed sessions
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ServerSettings:
