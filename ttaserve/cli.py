@@ -147,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_serve, _add_policies, _add_train):
         add(sub)
     from ttaserve.cli_control import add_commands
+    from ttaserve.prepare import add_command as add_prepare
 
     add_commands(sub)
+    add_prepare(sub)
     return parser
 
 
