@@ -31,10 +31,10 @@ def _tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
         return None
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         raise ValueError(f"expected a parameter or buffer, got {node}")
-    value = gm
+    value: Any = gm
     for part in str(node.target).split("."):
         value = getattr(value, part)
-    return value.detach().clone()  # type: ignore[union-attr]
+    return torch.as_tensor(value).detach().clone()
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, name: str, module: nn.Module, arg: fx.Node) -> None:
@@ -59,8 +59,9 @@ def _batchnorm(gm: fx.GraphModule, node: fx.Node) -> nn.BatchNorm2d:
     assert running_mean is not None and running_var is not None
     bn = nn.BatchNorm2d(running_mean.numel(), eps=float(eps), momentum=float(momentum),  # type: ignore[arg-type]
                         affine=w is not None)
-    bn.running_mean.copy_(running_mean)
-    bn.running_var.copy_(running_var)
+    with torch.no_grad():
+        bn.running_mean.copy_(running_mean)  # type: ignore[union-attr]
+        bn.running_var.copy_(running_var)  # type: ignore[union-attr]
     if w is not None:
         bn.weight.data.copy_(_tensor(gm, w))  # type: ignore[arg-type]
         bn.bias.data.copy_(_tensor(gm, b))  # type: ignore[arg-type]

@@ -1,11 +1,11 @@
 """Deterministic training of the shipped demo weights (``ttaserve train-demo``).
 
-``generalist`` is trained from scratch with augmentations (random shifts, flips, noise,
-contrast and brightness changes): robust, less accurate on clean data. ``expert`` — the demo
-model — is that generalist fine-tuned on clean Fashion-MNIST (``init``), the way T3 pairs a
-pretrained generalist with its fine-tuned expert: both stay in one loss basin, so their
-weights can be interpolated (two independently trained networks cannot: a 50/50 average of
-such a pair had 34 % clean error). Same seed, same thread count -> same weights.
+``expert`` — the demo model — is trained from scratch on clean Fashion-MNIST.
+``generalist``, its twin for T3, is the expert fine-tuned with augmentations (random shifts,
+flips, noise, contrast and brightness changes): more robust, slightly less accurate on
+clean data. Fine-tuning from the expert keeps both in one loss basin, so their weights can
+be interpolated, which T3 relies on (two independently trained networks cannot be: a 50/50
+average of such a pair had 34 % clean error). Same seed, same thread count -> same weights.
 """
 
 from __future__ import annotations
