@@ -55,11 +55,16 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ttaserve.adapters.base import TensorState
 from ttaserve.adapters.model import ModelError, PreparedModel, normalizer
 from ttaserve.adapters.registry import register
+from ttaserve.kernels.reference import vote
+from ttaserve.kernels.select import implementation
 
 MEMORY_KEY = "adanpc.memory"
 SCORE_FLOOR = 1e-5  # added to every class score, as in the paper's code
 
 Memory = tuple[torch.Tensor, torch.Tensor]  # (normalized keys n×d float32, labels n int64)
+
+# Similarity + top-k of one memory part; on CUDA a fused kernel that never writes the B×N matrix.
+_knn_topk = implementation("knn_topk")
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,7 @@ def confidence_cap(num_classes: int) -> float:
 
 def _top_k(query: torch.Tensor, memory: Memory, k: int) -> Memory:
     keys, labels = memory
-    sims = query @ keys.T
-    values, index = sims.topk(min(k, keys.shape[0]), dim=1)
+    values, index = _knn_topk(query, keys, k)
     return values, labels[index]
 
 
@@ -107,9 +111,7 @@ def knn_scores(
     values = torch.cat([v for v, _ in parts], dim=1)
     labels = torch.cat([lbl for _, lbl in parts], dim=1)
     values, pick = values.topk(min(k, values.shape[1]), dim=1)
-    weights = torch.softmax(values / temperature, dim=1)
-    scores = torch.zeros(query.shape[0], num_classes, dtype=weights.dtype)
-    scores.scatter_add_(1, labels.gather(1, pick), weights)
+    scores = vote(values, labels.gather(1, pick), temperature, num_classes)
     return (scores + SCORE_FLOOR).clamp(max=1.0)
 
 

@@ -27,7 +27,10 @@ import torch
 from ttaserve.adapters.base import TensorState
 from ttaserve.adapters.model import AdaptiveBatchNorm2d, NormHook, PreparedModel, normalizer
 from ttaserve.adapters.registry import register, register_alias
-from ttaserve.kernels import batch_moments, normalize, segment_moments
+from ttaserve.kernels.select import implementation
+
+# The whole layer (statistics, mixing, normalization) is one kernel: fused on CUDA.
+_alpha_bn = implementation("alpha_bn")
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,7 @@ def alpha_bn_norm(alpha: float) -> NormHook:
     """The per-layer normalizer for one forward pass."""
 
     def norm(layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
-        mean_t, var_t = batch_moments(z)
-        mean = alpha * layer.running_mean + (1.0 - alpha) * mean_t
-        var = alpha * layer.running_var + (1.0 - alpha) * var_t
-        return normalize(z, mean, var, layer.weight, layer.bias, layer.eps)
+        return _alpha_bn(z, None, layer.running_mean, layer.running_var, alpha, layer.weight, layer.bias, layer.eps)
 
     return norm
 
@@ -56,10 +56,7 @@ def segmented_alpha_bn_norm(alpha: float, offsets: list[int]) -> NormHook:
     is normalized with its own batch statistics."""
 
     def norm(layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
-        mean_t, var_t = segment_moments(z, offsets)
-        mean = alpha * layer.running_mean + (1.0 - alpha) * mean_t
-        var = alpha * layer.running_var + (1.0 - alpha) * var_t
-        return normalize(z, mean, var, layer.weight, layer.bias, layer.eps)
+        return _alpha_bn(z, offsets, layer.running_mean, layer.running_var, alpha, layer.weight, layer.bias, layer.eps)
 
     return norm
 

@@ -56,12 +56,17 @@ from dataclasses import dataclass
 from typing import ClassVar, cast
 
 import torch
-import torch.nn.functional as F
 
 from ttaserve.adapters.base import TensorState
 from ttaserve.adapters.model import AdaptiveBatchNorm2d, NormHook, PreparedModel, normalizer
 from ttaserve.adapters.registry import register
 from ttaserve.kernels import instance_moments, normalize
+from ttaserve.kernels.reference import soft_assignment as soft_assignment  # re-export
+from ttaserve.kernels.reference import unmixed_moments as unmixed_moments  # re-export
+from ttaserve.kernels.select import implementation
+
+# Steps 2-4 of the module docstring as one kernel (fused on CUDA).
+_unmix_moments = implementation("unmix_moments")
 
 DEFAULT_BN_MOMENTUM = 0.1  # what torch uses; taken when a layer has momentum=None
 
@@ -108,31 +113,6 @@ def init_components(
     return means, (1.0 - alpha_init) * variances
 
 
-def soft_assignment(inst_mean: torch.Tensor, means: torch.Tensor, tau: float) -> torch.Tensor:
-    """p (B x K): softmax over components of the cosine similarity of instance and
-    component means, sharpened by tau."""
-    cosine = F.normalize(inst_mean, dim=1) @ F.normalize(means, dim=1).T
-    return torch.softmax(cosine / tau, dim=1)
-
-
-def unmixed_moments(
-    inst_mean: torch.Tensor,
-    inst_var: torch.Tensor,
-    means: torch.Tensor,
-    variances: torch.Tensor,
-    p: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample statistics (B x C): each component pulled toward the sample by p_bk,
-    then the mixture's mean and variance (law of total variance)."""
-    w = p.unsqueeze(-1)  # B x K x 1
-    mixed_mean = (1.0 - w) * means + w * inst_mean.unsqueeze(1)  # B x K x C
-    mixed_var = (1.0 - w) * variances + w * inst_var.unsqueeze(1)
-    mean = mixed_mean.mean(dim=1)
-    # Centred form: never rounds below zero (see the module docstring).
-    spread = (mixed_mean - mean.unsqueeze(1)).square().mean(dim=1)
-    return mean, mixed_var.mean(dim=1) + spread
-
-
 def updated_components(
     means: torch.Tensor,
     variances: torch.Tensor,
@@ -168,8 +148,7 @@ def unmix_norm(params: UnMixTNSParams, state: TensorState, pending: list[_Pendin
     def norm(layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
         means, variances = state[_key(layer.index, "means")], state[_key(layer.index, "vars")]
         inst_mean, inst_var = instance_moments(z)
-        p = soft_assignment(inst_mean, means, params.tau)
-        mean, var = unmixed_moments(inst_mean, inst_var, means, variances, p)
+        mean, var, p = _unmix_moments(inst_mean, inst_var, means, variances, params.tau)
         base = params.bn_momentum if params.bn_momentum >= 0.0 else _layer_momentum(layer)
         m = batch_momentum(base, z.shape[0], params.b_max)
         pending.append(_Pending(layer.index, inst_mean, inst_var, p, m))
