@@ -1,0 +1,606 @@
+"""Peer servers benchmark: ttaserve (source policy) against Triton, MLServer and TorchServe.
+
+Every server serves the same demo model (batch 64, FP32 [64, 1, 28, 28] -> logits [64, 10],
+eval mode, the same torch thread count) as a subprocess on loopback ports, one server at a
+time, and the same load generator in this process drives each at several concurrencies
+(closed loop: every worker thread sends its next request as soon as the last returns).
+
+Peers run from a separate virtualenv (``.venv-peers``, made by scripts/bench-peers.sh) so
+their pins never touch ttaserve's; the server-side files live in ``bench/peers/``.
+
+Wire paths (all gRPC, the same client library where the protocol allows):
+- ttaserve, Triton (nvidia-pytriton's bundled tritonserver): stock tritonclient gRPC.
+- MLServer (custom runtime): stock tritonclient gRPC too; MLServer implements the same
+  ``inference.GRPCInferenceService`` (KServe v2) and answers raw bytes to raw requests.
+- TorchServe (custom handler): its own gRPC API
+  ``org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions`` with raw float32
+  bytes; its KServe v2 service lives under another package name, so tritonclient cannot
+  reach it. The two messages are described at run time in a private descriptor pool.
+
+Server settings (documented choices): one model instance / worker everywhere, like
+ttaserve's one worker per model. Triton keeps pytriton's dynamic batcher with
+max_batch_size 256 (ttaserve's default largest batch), MLServer its default of one
+parallel inference worker process, TorchServe batch size 1 (its default). Every server
+gets the same torch intra-op thread count (``threads``, ttaserve's ``--torch-threads``) and
+OMP_NUM_THREADS; the default is 1 because on a 2-core machine shared with the client, two
+OpenMP threads that get preempted spin at barriers and made a batch-64 forward ~15x slower.
+The first request of each server must equal the in-process model's output (``max_abs_diff``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["GOALS", "PEERS", "PeerError", "format_table", "measure", "run_peers"]
+
+log = logging.getLogger(__name__)
+
+BATCH = 64
+GOALS = {"triton": 1.0, "mlserver": 1.5, "torchserve": 1.0}  # ttaserve/peer throughput
+PEERS = ("ttaserve", "triton", "mlserver", "torchserve")
+_HERE = Path(__file__).resolve().parent
+_SCRIPTS = _HERE / "peers"
+_REPO = _HERE.parents[1]
+_MODELS = _HERE.parent / "models"
+
+
+Caller = Callable[[np.ndarray], np.ndarray]  # images [B,1,28,28] -> logits [B,10]
+
+
+class PeerError(RuntimeError):
+    """A peer could not be installed, started or queried; the message says why."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start one server: its command, environment, and a per-thread client factory."""
+
+    command: list[str]
+    env: dict[str, str]
+    client: Callable[[], Caller]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every launcher needs: interpreters, thread count, a scratch directory."""
+
+    peers_python: Path
+    threads: int
+    workdir: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _peer_env(setup: Setup) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(_SCRIPTS),
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{setup.peers_python.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": str(setup.threads),
+        "TTASERVE_PEER_RESNET": str(_MODELS / "resnet.py"),
+        "TTASERVE_PEER_WEIGHTS": str(_MODELS / "weights" / "expert.safetensors"),
+        "TTASERVE_PEER_THREADS": str(setup.threads),
+    }
+
+
+def _triton_client(url: str, model: str = "demo") -> Callable[[], Caller]:
+    def make() -> Caller:
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(url)
+
+        def call(images: np.ndarray) -> np.ndarray:
+            tensor = grpcclient.InferInput("input", list(images.shape), "FP32")
+            tensor.set_data_from_numpy(images)
+            return client.infer(model, [tensor]).as_numpy("logits")
+
+        return call
+
+    return make
+
+
+def _torchserve_messages() -> tuple[Any, Any]:
+    """PredictionsRequest / PredictionResponse of TorchServe's inference.proto (fields used here)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    fdp = descriptor_pb2.FieldDescriptorProto
+    package = "org.pytorch.serve.grpc.inference"
+    proto = descriptor_pb2.FileDescriptorProto(name="ttaserve_bench_torchserve.proto",
+                                               package=package, syntax="proto3")
+    request = proto.message_type.add(name="PredictionsRequest")
+    request.field.add(name="model_name", number=1, type=fdp.TYPE_STRING, label=fdp.LABEL_OPTIONAL)
+    entry = request.nested_type.add(name="InputEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=fdp.TYPE_STRING, label=fdp.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=fdp.TYPE_BYTES, label=fdp.LABEL_OPTIONAL)
+    request.field.add(name="input", number=3, type=fdp.TYPE_MESSAGE, label=fdp.LABEL_REPEATED,
+                      type_name=f".{package}.PredictionsRequest.InputEntry")
+    response = proto.message_type.add(name="PredictionResponse")
+    response.field.add(name="prediction", number=1, type=fdp.TYPE_BYTES, label=fdp.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()  # private: never clashes with other generated code
+    pool.Add(proto)
+    return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}"))
+                 for name in ("PredictionsRequest", "PredictionResponse"))  # type: ignore[return-value]
+
+
+def _torchserve_client(url: str) -> Callable[[], Caller]:
+    request_type, response_type = _torchserve_messages()
+
+    def make() -> Caller:
+        import grpc
+
+        channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", -1)])
+        predict = channel.unary_unary(
+            "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response_type.FromString,
+        )
+
+        def call(images: np.ndarray) -> np.ndarray:
+            request = request_type(model_name="demo", input={"data": images.astype("<f4").tobytes()})
+            answer = np.frombuffer(predict(request, timeout=60).prediction, dtype="<f4")
+            return answer.reshape(len(images), -1)
+
+        return call
+
+    return make
+
+
+def _launch_ttaserve(setup: Setup) -> Launch:
+    port = _free_port()
+    command = [sys.executable, "-m", "ttaserve", "serve", "--grpc-port", str(port),
+               "--metrics-port", "-1", "--policy", "source", "--torch-threads", str(setup.threads)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(setup.threads)}
+    return Launch(command, env, _triton_client(f"127.0.0.1:{port}"))
+
+
+def _launch_triton(setup: Setup) -> Launch:
+    grpc_port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
+    env = _peer_env(setup)
+    # pytriton's Python backend stub links libpython; without the running interpreter's
+    # LIBDIR first it picks the system one and the model fails to load (RLock error).
+    env["LD_LIBRARY_PATH"] = f"{_python_libdir(setup.peers_python)}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
+    command = [str(setup.peers_python), str(_SCRIPTS / "triton_peer.py"),
+               str(grpc_port), str(http_port), str(metrics_port)]
+    return Launch(command, env, _triton_client(f"127.0.0.1:{grpc_port}"))
+
+
+def _launch_mlserver(setup: Setup) -> Launch:
+    root = setup.workdir / "mlserver"
+    (root / "demo").mkdir(parents=True, exist_ok=True)
+    grpc_port = _free_port()
+    settings = {"host": "127.0.0.1", "http_port": _free_port(), "grpc_port": grpc_port,
+                "metrics_port": _free_port()}  # parallel_workers stays at MLServer's default
+    (root / "settings.json").write_text(json.dumps(settings))
+    model = {"name": "demo", "implementation": "mlserver_peer.DemoRuntime"}
+    (root / "demo" / "model-settings.json").write_text(json.dumps(model))
+    command = [str(setup.peers_python.parent / "mlserver"), "start", str(root)]
+    return Launch(command, _peer_env(setup), _triton_client(f"127.0.0.1:{grpc_port}"))
+
+
+def _launch_torchserve(setup: Setup) -> Launch:
+    root = setup.workdir / "torchserve"
+    store = root / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    bin_dir = setup.peers_python.parent
+    _run([str(bin_dir / "torch-model-archiver"), "--model-name", "demo", "--version", "1.0",
+          "--handler", str(_SCRIPTS / "torchserve_peer.py"), "--extra-files",
+          str(_SCRIPTS / "demo_model.py"), "--export-path", str(store),
+          "--archive-format", "no-archive", "--force"], "torch-model-archiver")
+    grpc_port = _free_port()
+    config = {
+        "inference_address": f"http://127.0.0.1:{_free_port()}",
+        "management_address": f"http://127.0.0.1:{_free_port()}",
+        "metrics_address": f"http://127.0.0.1:{_free_port()}",
+        "grpc_inference_address": "127.0.0.1", "grpc_inference_port": grpc_port,
+        "grpc_management_address": "127.0.0.1", "grpc_management_port": _free_port(),
+        "default_workers_per_model": 1, "disable_system_metrics": "true",
+        "disable_token_authorization": "true", "python": str(setup.peers_python),
+        "model_store": str(store), "load_models": "demo",
+    }
+    (root / "config.properties").write_text("".join(f"{k}={v}\n" for k, v in config.items()))
+    command = [str(bin_dir / "torchserve"), "--start", "--foreground", "--ncs",
+               "--ts-config", str(root / "config.properties"), "--model-store", str(store)]
+    return Launch(command, _peer_env(setup), _torchserve_client(f"127.0.0.1:{grpc_port}"))
+
+
+_LAUNCHERS: dict[str, tuple[str | None, Callable[[Setup], Launch]]] = {
+    "ttaserve": (None, _launch_ttaserve),
+    "triton": ("pytriton", _launch_triton),
+    "mlserver": ("mlserver", _launch_mlserver),
+    "torchserve": ("ts", _launch_torchserve),
+}
+
+
+def _run(command: list[str], what: str) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise PeerError(f"{what} failed: {(done.stderr or done.stdout).strip()[-600:]}")
+    return done.stdout
+
+
+def _python_libdir(python: Path) -> str:
+    return _run([str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+                "reading LIBDIR").strip()
+
+
+def _check_installed(python: Path, module: str) -> None:
+    if not python.exists():
+        raise PeerError(f"no peers virtualenv at {python.parent.parent} (run scripts/bench-peers.sh)")
+    _run([str(python), "-c", f"import {module}"], f"import {module} in the peers virtualenv")
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@contextmanager
+def _serving(launch: Launch, log_path: Path, timeout_s: float, probe: np.ndarray) -> Iterator[Caller]:
+    """Start the server in its own process group, wait until it answers, stop it afterwards."""
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(launch.command, env=launch.env, cwd=log_path.parent,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield _wait_ready(proc, launch.client, probe, timeout_s, log_path)
+    finally:
+        _stop(proc)
+
+
+def _wait_ready(proc: subprocess.Popen, client: Callable[[], Caller], probe: np.ndarray,
+                timeout_s: float, log_path: Path) -> Caller:
+    deadline = time.monotonic() + timeout_s
+    call, error = None, ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise PeerError(f"exited with code {proc.returncode}:\n{_log_tail(log_path)}")
+        try:
+            call = call or client()
+            call(probe)
+            return call
+        except Exception as exc:  # not up yet: connection refused, model still loading
+            error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            time.sleep(0.5)
+    raise PeerError(f"not ready after {timeout_s:.0f} s (last error: {error}):\n{_log_tail(log_path)}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT the whole group (TorchServe's Java frontend and workers, Triton's server), then kill."""
+    for sig, wait_s in ((signal.SIGINT, 15.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGINT:  # leader gone; children of the group may linger
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return
+
+
+def measure(client: Callable[[], Caller], images: np.ndarray, concurrency: int,
+            duration_s: float, warmup_s: float) -> dict[str, Any]:
+    """Closed-loop load: ``concurrency`` threads, each with its own client (own gRPC channel),
+    send ``images`` back to back; requests started within ``duration_s`` after a warm-up count."""
+    import threading
+
+    callers = [client() for _ in range(concurrency)]
+    latencies: list[list[float]] = [[] for _ in callers]
+    errors: list[str] = []
+    start_at = time.perf_counter() + warmup_s + 0.2
+    stop_at = start_at + duration_s
+
+    def worker(call: Caller, record: list[float]) -> None:
+        while (now := time.perf_counter()) < stop_at:
+            try:
+                call(images)
+            except Exception as exc:  # a failing peer is a result, not a crash
+                errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                return
+            if now >= start_at:
+                record.append(time.perf_counter() - now)
+
+    threads = [threading.Thread(target=worker, args=pair, daemon=True) for pair in zip(callers, latencies)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=duration_s + warmup_s + 120)
+    elapsed = time.perf_counter() - start_at  # includes the tail of the last requests
+    return _stats([x for lat in latencies for x in lat], elapsed, len(images), concurrency, errors)
+
+
+def _stats(latencies: list[float], elapsed: float, batch: int, concurrency: int,
+           errors: list[str]) -> dict[str, Any]:
+    lat = np.asarray(latencies) * 1e3
+    done = len(lat)
+    return {
+        "concurrency": concurrency,
+        "requests": done,
+        "seconds": round(elapsed, 3),
+        "req_per_s": done / elapsed if elapsed > 0 else 0.0,
+        "images_per_s": done * batch / elapsed if elapsed > 0 else 0.0,
+        "p50_ms": float(np.percentile(lat, 50)) if done else None,
+        "p99_ms": float(np.percentile(lat, 99)) if done else None,
+        "mean_ms": float(lat.mean()) if done else None,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+    }
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _direct_client() -> Callable[[], Caller]:
+    """The plain torch forward in this process: the floor every server adds its overhead to."""
+    import torch
+
+    from ttaserve.models import demo
+
+    model = demo()
+
+    def call(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(images)).numpy()
+
+    return lambda: call
+
+
+def _bench_server(name: str, setup: Setup, plan: dict[str, Any], progress: Any) -> dict[str, Any]:
+    module, launcher = _LAUNCHERS[name]
+    try:
+        if module is not None:
+            _check_installed(setup.peers_python, module)
+    except PeerError as exc:
+        progress.update(len(plan["concurrencies"]))
+        return {"status": "not-installed", "reason": str(exc)}
+    workdir = setup.workdir / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    try:
+        launch = launcher(Setup(setup.peers_python, setup.threads, workdir))
+        with _serving(launch, workdir / "server.log", plan["startup_timeout_s"], plan["images"]) as call:
+            diff = float(np.abs(call(plan["images"]) - plan["reference"]).max())
+            for concurrency in plan["concurrencies"]:
+                progress.set_postfix_str(f"{name} c={concurrency}")
+                runs.append(measure(launch.client, plan["images"], concurrency,
+                                    plan["duration_s"], plan["warmup_s"]))
+                progress.update(1)
+    except (PeerError, OSError, subprocess.SubprocessError) as exc:
+        progress.update(len(plan["concurrencies"]) - len(runs))
+        log.warning("%s failed: %s", name, exc)
+        return {"status": "failed", "reason": str(exc), "runs": runs}
+    return {"status": "ok", "max_abs_diff": diff, "runs": runs, "log": str(workdir / "server.log")}
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    merged = dict(runs[0])
+    for key in ("seconds", "req_per_s", "images_per_s", "p50_ms", "p99_ms", "mean_ms"):
+        values = [r[key] for r in runs if r[key] is not None]
+        merged[key] = float(np.median(values)) if values else None
+    merged["requests"] = sum(r["requests"] for r in runs)
+    merged["errors"] = sum(r["errors"] for r in runs)
+    merged["first_error"] = next((r["first_error"] for r in runs if r["first_error"]), None)
+    return merged
+
+
+def _merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's rounds as medians per concurrency; the last failure wins if any."""
+    last = results[-1]
+    if last["status"] != "ok":
+        return {**last, "rounds_done": len(results) - 1}
+    columns = zip(*(r["runs"] for r in results))
+    return {
+        "status": "ok",
+        "max_abs_diff": max(r["max_abs_diff"] for r in results),
+        "runs": [_median_run(list(column)) for column in columns],
+        "per_round": [r["runs"] for r in results],
+        "log": last["log"],
+    }
+
+
+def _ratios(servers: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """ttaserve/peer throughput and p99 ratio at each concurrency both measured (same run)."""
+    own = {r["concurrency"]: r for r in servers.get("ttaserve", {}).get("runs", [])}
+    ratios: dict[str, list[dict[str, Any]]] = {}
+    for name, result in servers.items():
+        if name == "ttaserve" or result.get("status") != "ok":
+            continue
+        rows = []
+        for run in result["runs"]:
+            mine = own.get(run["concurrency"])
+            if not mine or not run["req_per_s"] or not mine["req_per_s"]:
+                continue
+            ratio = mine["req_per_s"] / run["req_per_s"]
+            rows.append({"concurrency": run["concurrency"], "throughput": ratio,
+                         "p99": mine["p99_ms"] / run["p99_ms"],
+                         "goal": GOALS.get(name), "goal_met": ratio >= GOALS.get(name, 0.0)})
+        ratios[name] = rows
+    return ratios
+
+
+def run_peers(out_dir: str | Path, quick: bool = False, concurrencies: Sequence[int] | None = None,
+              duration_s: float | None = None, *, peers: Sequence[str] = PEERS, threads: int = 1,
+              peers_venv: str | Path | None = None, rounds: int | None = None,
+              startup_timeout_s: float = 240.0) -> dict[str, Any]:
+    """Benchmark ttaserve and its peers one after another in this run; write ``peers.json``
+    and ``peers.png`` under ``out_dir`` and return the same result.
+
+    Each of ``rounds`` rounds (default 1 quick, 2 otherwise) starts every server in turn,
+    in reverse order on odd rounds so that a drift in the machine's load hits all alike;
+    the figures reported are medians over rounds (``per_round`` keeps each round's).
+
+    ``threads`` is the torch intra-op thread count of every server (ttaserve's
+    ``--torch-threads``): 1 by default because on a small shared machine the client, the
+    server's I/O threads and OpenMP's spinning workers otherwise fight for the same cores.
+    A peer that is not installed or fails is recorded with the reason; the rest go on.
+    """
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        raise ValueError(f"unknown peers {sorted(unknown)}; choose from {PEERS}")
+    # absolute, never resolved: bin/python is a symlink out of the virtualenv
+    venv = Path(peers_venv or os.environ.get("TTASERVE_PEERS_VENV") or _REPO / ".venv-peers").absolute()
+    images = np.random.default_rng(0).random((BATCH, 1, 28, 28), dtype=np.float32)
+    plan: dict[str, Any] = {
+        "concurrencies": list(concurrencies or ((1, 4) if quick else (1, 4, 8))),
+        "duration_s": float(duration_s or (2.0 if quick else 15.0)),
+        "warmup_s": 0.5 if quick else 2.0,
+        "startup_timeout_s": startup_timeout_s,
+        "images": images,
+    }
+    direct = _direct_client()
+    with _torch_threads(threads):
+        plan["reference"] = direct()(images)
+    rounds = rounds or (1 if quick else 2)
+    done: dict[str, list[dict[str, Any]]] = {name: [] for name in peers}
+    baselines = []
+    load_before = os.getloadavg()
+    total = rounds * len(peers) * len(plan["concurrencies"])
+    with tqdm(total=total, desc="peers", unit="run") as progress:
+        for index in range(rounds):
+            with _torch_threads(threads):
+                baselines.append(measure(direct, images, 1, plan["duration_s"], plan["warmup_s"]))
+            setup = Setup(venv / "bin" / "python", threads, out / "servers" / f"round{index}")
+            for name in peers if index % 2 == 0 else peers[::-1]:
+                if done[name] and done[name][-1]["status"] != "ok":  # no retry of a broken peer
+                    progress.update(len(plan["concurrencies"]))
+                    continue
+                done[name].append(_bench_server(name, setup, plan, progress))
+    servers = {name: _merge_rounds(results) for name, results in done.items()}
+    result = {
+        "batch": BATCH,
+        "threads": threads,
+        "concurrencies": plan["concurrencies"],
+        "duration_s": plan["duration_s"],
+        "warmup_s": plan["warmup_s"],
+        "rounds": rounds,
+        "cpus": os.cpu_count(),
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+        "direct": _median_run(baselines),
+        "servers": servers,
+        "ratios": _ratios(servers),
+    }
+    (out / "peers.json").write_text(json.dumps(result, indent=2))
+    _chart(result, out / "peers.png")
+    return result
+
+
+def _chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, server in result["servers"].items():
+        runs = [r for r in server.get("runs", []) if r["requests"]]
+        if server.get("status") != "ok" or not runs:
+            continue
+        conc = [r["concurrency"] for r in runs]
+        style = {"linewidth": 2.5} if name == "ttaserve" else {}
+        left.plot(conc, [r["images_per_s"] for r in runs], marker="o", label=name, **style)
+        right.plot(conc, [r["p99_ms"] for r in runs], marker="o", label=name, **style)
+    left.set(title=f"Throughput (batch {result['batch']})", xlabel="concurrent clients",
+             ylabel="images / s")
+    right.set(title="p99 latency", xlabel="concurrent clients", ylabel="ms", yscale="log")
+    left.axhline(result["direct"]["images_per_s"], color="gray", linestyle="--",
+                 label="torch in-process (c=1)")
+    for axis in (left, right):
+        axis.set_xticks(result["concurrencies"])
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
+    fig.suptitle(f"Demo model over gRPC, one server at a time, torch threads {result['threads']}, "
+                 f"median of {result['rounds']} round(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The result as a plain-text table: one row per server and concurrency, then the ratios."""
+    lines = [f"{'server':<11}{'conc':>5}{'req/s':>9}{'img/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"]
+    for name, server in result["servers"].items():
+        if server.get("status") != "ok":
+            reason = server.get("reason", "").splitlines()[0] if server.get("reason") else ""
+            lines.append(f"{name:<11}{server.get('status')}: {reason}")
+        for r in server.get("runs", []):
+            p50 = f"{r['p50_ms']:.1f}" if r["p50_ms"] is not None else "-"
+            p99 = f"{r['p99_ms']:.1f}" if r["p99_ms"] is not None else "-"
+            lines.append(f"{name:<11}{r['concurrency']:>5}{r['req_per_s']:>9.1f}"
+                         f"{r['images_per_s']:>9.0f}{p50:>9}{p99:>9}{r['errors']:>8}")
+    d = result["direct"]
+    lines.append(f"{'direct':<11}{1:>5}{d['req_per_s']:>9.1f}{d['images_per_s']:>9.0f}"
+                 f"{d['p50_ms']:>9.1f}{d['p99_ms']:>9.1f}   (torch forward in this process, no server)")
+    lines.append("")
+    lines.append("ttaserve / peer (same run): throughput ratio [goal], p99 ratio (lower is better)")
+    for name, rows in result["ratios"].items():
+        for row in rows:
+            mark = "met" if row["goal_met"] else "NOT met"
+            lines.append(f"  vs {name:<11} c={row['concurrency']:<3} {row['throughput']:.2f}x "
+                         f"[>= {row['goal']}: {mark}]  p99 {row['p99']:.2f}x")
+    load = result["load_average"]
+    lines.append(f"load average (1 min) before/after: {load['before'][0]:.1f} / {load['after'][0]:.1f}"
+                 f" on {result['cpus']} CPUs")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="ttaserve-results/peers", help="output directory")
+    parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None)
+    parser.add_argument("--duration", type=float, default=None, help="seconds per measurement")
+    parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 1 quick, 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every server")
+    parser.add_argument("--peers-venv", default=None, help="virtualenv holding the peers")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    result = run_peers(args.out, args.quick, args.concurrency, args.duration, peers=args.peers,
+                       threads=args.threads, peers_venv=args.peers_venv, rounds=args.rounds)
+    print(format_table(result))
+    print(f"\nwritten: {Path(args.out) / 'peers.json'}, {Path(args.out) / 'peers.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
