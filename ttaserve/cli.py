@@ -53,6 +53,20 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--grace", dest="grace_s", type=float, default=None,
                    help="seconds to let in-flight requests finish on SIGTERM (default 10)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=None,
+                   help="in-flight RPCs (a stream counts once) before RESOURCE_EXHAUSTED (default 1000; 0 = no cap)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="requests waiting per model before RESOURCE_EXHAUSTED (default 256; 0 = no cap)")
+    p.add_argument("--request-timeout", dest="request_timeout_s", type=float, default=None,
+                   metavar="SECONDS", help="a request not started within this is answered "
+                   "DEADLINE_EXCEEDED without running (default 30; 0 = only client deadlines)")
+    p.add_argument("--outlier-divergence", type=float, default=None,
+                   help="batches whose first-BN-layer divergence from source exceeds this do not "
+                   "update their session (default 15; 0 = off)")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="persist sessions here and restore them at start")
+    p.add_argument("--state-interval", dest="state_interval_s", type=float, default=None,
+                   metavar="SECONDS", help="write changed sessions this often (default 30)")
     p.add_argument("--auth-token-file", default=None, metavar="FILE",
                    help="lines '<inference|admin> <token>'; also TTASERVE_INFERENCE_TOKENS / "
                    "TTASERVE_ADMIN_TOKENS (comma-separated). With any token, auth is on")
@@ -74,7 +88,8 @@ def _serve(args: argparse.Namespace) -> int:
     fields = ("host", "grpc_port", "metrics_port", "policy", "model_repository", "demo",
               "max_message_bytes", "max_batch_size", "session_idle_s", "max_sessions",
               "strict_sequences", "grace_s", "torch_threads", "batch_delay_us", "auth_token_file", "tls_cert",
-              "tls_key", "tls_client_ca")
+              "tls_key", "tls_client_ca", "max_concurrent_rpcs", "max_queue", "request_timeout_s",
+              "outlier_divergence", "state_dir", "state_interval_s")
     settings = ServerSettings.from_env(
         **{f: getattr(args, f) for f in fields}, policy_params=dict(args.params) or None
     )
@@ -93,23 +108,24 @@ def _add_policies(sub: Any) -> None:
 def _policies(args: argparse.Namespace) -> int:
     from ttaserve.adapters import describe, param_schema, policy_names
 
-    rows = [{"name": n, "description": describe(n), "parameters": param_schema(n)} for n in policy_names()]
+    names = policy_names()
     if args.json:
+        rows = [{"name": n, "description": describe(n), "parameters": param_schema(n)} for n in names]
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    for row in rows:
-        params = ", ".join(f"{k}={v['default']}" for k, v in row["parameters"].items())
-        print(f"{row['name']:<10} {row['description']}\n{'':<10} parameters: {params or '-'}")
+    for name in names:
+        params = ", ".join(f"{k}={v['default']}" for k, v in param_schema(name).items())
+        print(f"{name:<10} {describe(name)}\n{'':<10} parameters: {params or '-'}")
     return 0
 
 
 def _add_train(sub: Any) -> None:
     p = sub.add_parser("train-demo", help="retrain the embedded demo weights (deterministic)")
     p.add_argument("--kind", choices=("expert", "generalist"), default="expert",
-                   help="generalist: from scratch with augmentations (train it first); "
-                   "expert: the demo model, fine-tuned from the generalist on clean data")
-    p.add_argument("--epochs", type=int, default=None, help="default 4 (generalist), 2 (expert)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (0.1 / 0.02)")
+                   help="expert: the demo model, from scratch on clean data (train it first); "
+                   "generalist: the expert fine-tuned with augmentations (for T3)")
+    p.add_argument("--epochs", type=int, default=None, help="default 4 (expert), 2 (generalist)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (0.1 / 0.03)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None, help="Fashion-MNIST idx directory")
     p.add_argument("--out", default=None, help="weights file (default: the packaged one)")
@@ -128,11 +144,11 @@ def _train(args: argparse.Namespace) -> int:
     expert = args.kind == "expert"
     model, err = train(
         args.kind,
-        epochs=args.epochs or (2 if expert else 4),
-        lr=args.lr or (0.02 if expert else 0.1),
+        epochs=args.epochs or (4 if expert else 2),
+        lr=args.lr or (0.1 if expert else 0.03),
         seed=args.seed,
         data=args.data,
-        init=weights_path("generalist") if expert else None,
+        init=None if expert else weights_path("expert"),
     )
     out = Path(args.out or weights_path(args.kind))
     save(model, out)

@@ -15,10 +15,11 @@ from torch import nn
 
 from ttaserve import snapshot
 from ttaserve.adapters import Adapter, PreparedModel, canonical, create_adapter, prepare
-from ttaserve.adapters.guard import CollapseGuard, GuardConfig
+from ttaserve.adapters.guard import CollapseGuard, GuardConfig, all_finite
 from ttaserve.adapters.model import observe_moments
 from ttaserve.drift import DriftTracker, symmetric_kl
 from ttaserve.errors import InvalidInput, NotFound
+from ttaserve.outliers import OutlierConfig, outlier_reason
 from ttaserve.sessions import SequenceId, Session, SessionLimits, SessionStore
 
 
@@ -31,6 +32,7 @@ class BatchReport:
     batch: int
     signals: dict[str, float]
     resets: tuple[str, ...] = ()
+    skipped: str | None = None  # why this batch's update was rolled back (ttaserve/outliers.py)
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,12 @@ class Engine:
         guard: GuardConfig = GuardConfig(),
         monitor: Callable[[BatchReport], None] | None = None,
         drift: bool = True,
+        outliers: OutlierConfig = OutlierConfig(),
         **params: Any,
     ) -> None:
         self.model = model if isinstance(model, PreparedModel) else prepare(model)
         self.guard = guard
+        self.outliers = outliers
         self.monitor = monitor
         self.drift = drift
         self.fingerprint = model_fingerprint(self.model)
@@ -165,9 +169,17 @@ class Engine:
     def _run(self, session: Session, x: torch.Tensor, adapt: bool) -> torch.Tensor:
         with session.lock:
             resets_before = session.resets.copy()
-            with self._observed() as moments:
+            gated = adapt and self.outliers.enabled and len(session.state) > 0
+            before = session.state.state_dict() if gated else None
+            with self._observed(gate=gated) as moments:
                 logits = session.adapter.forward(self.model, x, session.state, adapt)
-            logits = self._guarded(session, x, logits, adapt)
+            skipped = outlier_reason(x, moments, self.outliers) if gated else None
+            if skipped is not None and before is not None:  # roll this batch's update back
+                session.state.load_state_dict(before)
+                session.skipped[skipped] += 1
+                if not all_finite(session.state):  # broken before this batch: still reset
+                    self._reset_locked(session, "non_finite")
+            logits = self._guarded(session, x, logits, adapt and skipped is None)
             session.batches += 1
             session.samples += x.shape[0]
             session.last_active = time.monotonic()
@@ -175,14 +187,15 @@ class Engine:
             extra = session.adapter.drift(session.state)
             if session.guard is not None:
                 extra = {**extra, **{f"guard_{k}": v for k, v in session.guard.signals().items()}}
-            self._report(session.policy, logits, moments, extra, session, caused)
+            self._report(session.policy, logits, moments, extra, session, caused, skipped=skipped)
         return logits
 
-    def _observed(self, offsets: list[int] | None = None) -> Any:
-        return observe_moments(offsets) if self.drift else contextlib.nullcontext([])
+    def _observed(self, offsets: list[int] | None = None, gate: bool = False) -> Any:
+        return observe_moments(offsets) if self.drift or gate else contextlib.nullcontext([])
 
     def _report(self, policy: str, logits: torch.Tensor, moments: list[Any], extra: dict[str, float],
-                session: Session | None, resets: tuple[str, ...], segment: int | None = None) -> None:
+                session: Session | None, resets: tuple[str, ...], segment: int | None = None,
+                skipped: str | None = None) -> None:
         if not self.drift and self.monitor is None:
             return
         tracker = session.drift if session is not None else None
@@ -192,7 +205,7 @@ class Engine:
                 session.drift = tracker
         signals = tracker.update(logits, layer_divergence(moments, segment), extra)
         if self.monitor is not None:
-            self.monitor(BatchReport(policy, logits.shape[0], {**extra, **signals}, resets))
+            self.monitor(BatchReport(policy, logits.shape[0], {**extra, **signals}, resets, skipped))
 
     # -- observation and snapshots ----------------------------------------------------
     def signals_of(self, session: Session) -> dict[str, float]:
@@ -207,6 +220,10 @@ class Engine:
         session = self.sessions.get(sequence_id)
         if session is None:
             raise NotFound(f"no live session {sequence_id!r}")
+        return self.snapshot_of(session)
+
+    def snapshot_of(self, session: Session) -> bytes:
+        """:meth:`snapshot` of a session object (also one that already left the store)."""
         with session.lock:
             tensors = {f"state.{k}": v for k, v in session.state.state_dict().items()}
             if session.guard is not None:
@@ -214,7 +231,8 @@ class Engine:
             meta = {
                 "model": self.fingerprint, "policy": session.policy, "params": session.params,
                 "batches": session.batches, "samples": session.samples,
-                "resets": dict(session.resets), "created": session.created,
+                "resets": dict(session.resets), "skipped": dict(session.skipped),
+                "created": session.created,
                 "signals": self.signals_of(session),
             }
         return snapshot.encode(meta, tensors)
@@ -236,6 +254,7 @@ class Engine:
             raise InvalidInput(f"snapshot does not fit policy {choice.name!r}: {exc}") from exc
         session.batches, session.samples = int(meta["batches"]), int(meta["samples"])
         session.resets.update(meta.get("resets", {}))
+        session.skipped.update(meta.get("skipped", {}))
         session.created = float(meta.get("created", session.created))
         session.drift = DriftTracker(self.model.num_classes, signals=dict(meta.get("signals", {})))
         self.sessions.open(sequence_id, True, lambda: session)

@@ -19,6 +19,10 @@ class Overloaded(TTAServeError):
     """A configured cap (queue, sessions, message size) was reached; the message names it."""
 
 
+class DeadlineExceeded(TTAServeError):
+    """The request's deadline passed before it could run; it was not run."""
+
+
 class Unavailable(TTAServeError):
     """The server is draining or the model is not ready."""
 

@@ -34,6 +34,7 @@ class Session:
     batches: int = 0
     samples: int = 0
     resets: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)  # updates refused (ttaserve/outliers.py)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Collapse signals of a stateful session (None: stateless policy or guard disabled).
     guard: CollapseGuard | None = None

@@ -10,6 +10,7 @@ import torch
 from tests.conftest import make_tiny
 from ttaserve.adapters.guard import CollapseGuard, GuardConfig, normalized_entropy
 from ttaserve.engine import Engine
+from ttaserve.outliers import OutlierConfig
 
 C = 10
 
@@ -110,7 +111,9 @@ def test_batch_larger_than_window() -> None:
 
 
 # -- engine integration -----------------------------------------------------------------
-COLLAPSING = {"policy": "tent", "lr": 3.0}
+# Constant images would be refused as outliers (ttaserve/outliers.py); here they are the
+# point, so the poisoning gate is off.
+COLLAPSING = {"policy": "tent", "lr": 3.0, "outliers": OutlierConfig(enabled=False)}
 # A short window and memory so that the tiny streams below are long enough to judge.
 SMALL_WINDOW = GuardConfig(window=32, ema_decay=0.5)
 

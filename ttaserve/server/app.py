@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ttaserve.handlers.loader import LoadedModel, demo_model, load_repository
+from ttaserve.outliers import OutlierConfig
 from ttaserve.proto import control_pb2 as control_pb
 from ttaserve.proto import control_pb2_grpc as control_grpc
 from ttaserve.proto import grpc_service_pb2 as pb
@@ -20,9 +21,12 @@ from ttaserve.proto import grpc_service_pb2_grpc as pb_grpc
 from ttaserve.proto._pool import POOL
 from ttaserve.server.auth import AuthInterceptor, Tokens
 from ttaserve.server.control import ControlService
+from ttaserve.server.dashboard import Dashboard
 from ttaserve.server.inference import InferenceService
+from ttaserve.server.limits import RpcGuard
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.metrics_http import MetricsHTTPServer
+from ttaserve.server.persistence import StateStore
 from ttaserve.server.repository import Repository, ServedModel
 from ttaserve.server.settings import ServerSettings
 from ttaserve.sessions import SessionLimits
@@ -55,6 +59,7 @@ class Server:
     metrics_http: MetricsHTTPServer | None
     grpc_port: int
     housekeeping: asyncio.Task[None] | None = None
+    state_flush: asyncio.Task[None] | None = None  # periodic writes under --state-dir
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING first, refuse new requests, let in-flight ones finish."""
@@ -64,8 +69,12 @@ class Server:
         await self.grpc_server.stop(grace)
         if self.housekeeping is not None:
             self.housekeeping.cancel()
+        if self.state_flush is not None:
+            self.state_flush.cancel()
         for model in self.repository:
             model.shutdown()
+        # After the workers finished: the files hold every update that was answered.
+        await asyncio.to_thread(_flush_states, self.repository, "shutdown")
         if self.metrics_http is not None:
             self.metrics_http.stop()
         log.info("server stopped")
@@ -76,9 +85,15 @@ async def start(settings: ServerSettings) -> Server:
     limits = SessionLimits(settings.session_idle_s, settings.max_sessions, settings.strict_sequences)
     served = [
         ServedModel(m, settings.policy, settings.policy_params, limits, metrics, settings.workers_per_model,
-                    settings.max_batch_size, settings.batch_delay_us / 1e6)
+                    settings.max_batch_size, settings.batch_delay_us / 1e6, max_queue=settings.max_queue,
+                    outliers=OutlierConfig(enabled=settings.outlier_divergence > 0,
+                                           max_divergence=settings.outlier_divergence or 15.0))
         for m in load_models(settings)
     ]
+    if settings.state_dir:
+        for model in served:
+            model.state_store = StateStore(settings.state_dir, model.name, model.engine, metrics)
+            model.state_store.restore_all()
     repository = Repository(served)
     metrics.watch_sessions(lambda: (row for model in repository for row in model.session_signals()))
     options = [
@@ -86,9 +101,13 @@ async def start(settings: ServerSettings) -> Server:
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
     tokens = Tokens.load(settings.auth_token_file)
-    interceptors = [AuthInterceptor(tokens)] if tokens.enabled else []
+    guard = RpcGuard(settings.max_concurrent_rpcs,
+                     lambda: metrics.rejected.labels("*", "max_concurrent_rpcs").inc())
+    # Auth first: an unauthenticated peer learns nothing, not even that the server is busy.
+    interceptors = [AuthInterceptor(tokens), guard] if tokens.enabled else [guard]
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    inference = InferenceService(repository, metrics, settings.max_batch_size, settings.session_idle_s)
+    inference = InferenceService(repository, metrics, settings.max_batch_size, settings.session_idle_s,
+                                 settings.request_timeout_s)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
     control_grpc.add_AdaptationServiceServicer_to_server(ControlService(repository), server)
     health_servicer = health.aio.HealthServicer()
@@ -108,7 +127,8 @@ async def start(settings: ServerSettings) -> Server:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_http = None
     if settings.metrics_port >= 0:
-        metrics_http = MetricsHTTPServer(metrics.registry, settings.host, settings.metrics_port)
+        dashboard = Dashboard(repository, metrics, tokens, settings.host)
+        metrics_http = MetricsHTTPServer(metrics.registry, settings.host, settings.metrics_port, dashboard)
     housekeeping = asyncio.get_running_loop().create_task(
         _expire_sessions(repository, settings.session_idle_s)
     )
@@ -116,7 +136,8 @@ async def start(settings: ServerSettings) -> Server:
              settings.host, port, "+TLS" if credentials else "", "on" if tokens.enabled else "off",
              metrics_http.url if metrics_http else "off")
     return Server(settings, server, inference, health_servicer, repository, metrics,
-                  metrics_http, port, housekeeping)
+                  metrics_http, port, housekeeping,
+                  _start_flushing(repository, settings.state_interval_s) if settings.state_dir else None)
 
 
 def _tls_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -157,6 +178,23 @@ async def _expire_sessions(repository: Repository, idle_s: float) -> None:
             model.metrics.live_sessions.labels(model.name).set(len(model.engine.sessions))
 
 
+def _flush_states(repository: Repository, reason: str) -> None:
+    for model in repository:
+        if model.state_store is not None:
+            model.state_store.flush(reason)
+
+
+def _start_flushing(repository: Repository, interval_s: float) -> asyncio.Task[None]:
+    async def flush_forever() -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await asyncio.to_thread(_flush_states, repository, "periodic")
+            except Exception:  # a failed round is logged; the next one retries
+                log.exception("periodic state flush failed")
+    return asyncio.get_running_loop().create_task(flush_forever())
+
+
 async def serve(settings: ServerSettings) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
     server = await start(settings)
@@ -165,7 +203,8 @@ async def serve(settings: ServerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"ttaserve ready: gRPC {settings.host}:{server.grpc_port}"
-          + (f", metrics {server.metrics_http.url}" if server.metrics_http else ""), flush=True)
+          + (f", metrics {server.metrics_http.url} (dashboard {server.metrics_http.base_url})"
+             if server.metrics_http else ""), flush=True)
     await stop.wait()
     log.info("signal received, draining for up to %.1f s", settings.grace_s)
     await server.stop()

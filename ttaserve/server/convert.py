@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ttaserve.errors import InvalidInput
+from ttaserve.errors import InvalidInput, Overloaded
 from ttaserve.handlers.spec import DATATYPES, DTYPES, ModelSpec, TensorSpec
 from ttaserve.proto import grpc_service_pb2 as pb
 
@@ -44,6 +44,7 @@ class InferRequest:
     policy: str | None = None
     adapt: bool = True
     timeout_us: int = 0
+    deadline: float | None = None  # time.monotonic() after which the request is not run
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,8 +147,11 @@ def _check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...], m
     if not fits:
         raise InvalidInput(f"input {name!r} has shape {list(shape)}, expected {list(expected)} "
                            "(-1: any batch size)")
-    if shape[0] < 1 or shape[0] > max_batch:
+    if shape[0] < 1:
         raise InvalidInput(f"input {name!r}: batch size {shape[0]} is outside 1..{max_batch}")
+    if shape[0] > max_batch:
+        raise Overloaded(f"input {name!r}: batch size {shape[0]} exceeds the server's cap "
+                         f"(--max-batch-size={max_batch}); split it into smaller requests")
 
 
 def _check_values(name: str, array: np.ndarray, spec: TensorSpec) -> None:

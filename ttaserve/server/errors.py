@@ -8,6 +8,7 @@ import grpc
 
 from ttaserve.adapters import ModelError, PolicyError
 from ttaserve.errors import (
+    DeadlineExceeded,
     InvalidInput,
     NotFound,
     Overloaded,
@@ -25,6 +26,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 )

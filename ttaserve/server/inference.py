@@ -32,12 +32,14 @@ EXTENSIONS = (
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, repository: Repository, metrics: ServerMetrics, max_batch: int, idle_s: float
+        self, repository: Repository, metrics: ServerMetrics, max_batch: int, idle_s: float,
+        request_timeout_s: float = 0.0,
     ) -> None:
         self.repository = repository
         self.metrics = metrics
         self.max_batch = max_batch
         self.idle_s = idle_s
+        self.request_timeout_s = request_timeout_s  # 0: only the client's deadline applies
         self.draining = False
 
     # -- health and metadata ----------------------------------------------------------
@@ -110,7 +112,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference --------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
-        response, error = await self._infer(request, None)
+        response, error = await self._infer(request, None, context=context)
         if error is not None:
             await context.abort(*error)
         return response
@@ -123,7 +125,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         used: set[ServedModel] = set()
         try:
             async for request in requests:
-                response, error = await self._infer(request, stream_session, used)
+                response, error = await self._infer(request, stream_session, used, context)
                 if error is not None:  # the stream stays open (Triton's default)
                     yield pb.ModelStreamInferResponse(error_message=f"[{error[0].name}] {error[1]}")
                 else:
@@ -134,7 +136,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(
         self, request: pb.ModelInferRequest, stream_session: str | None,
-        used: set[ServedModel] | None = None,
+        used: set[ServedModel] | None = None, context: grpc.aio.ServicerContext | None = None,
     ) -> tuple[pb.ModelInferResponse | None, tuple[grpc.StatusCode, str] | None]:
         started = time.perf_counter()
         model_name, policy = request.model_name, "unknown"
@@ -143,6 +145,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 raise Unavailable("the server is shutting down; retry on another replica")
             model = self.repository.get(request.model_name, request.model_version)
             decoded = decode_request(request, model.spec, self.max_batch)
+            decoded.deadline = self._deadline(decoded.timeout_us, context)
             if decoded.sequence_id is None and stream_session is not None:
                 decoded.sequence_id = stream_session
                 if used is not None:
@@ -155,6 +158,18 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             code, message = status_of(exc)
             self._count(model_name, policy, code, started)
             return None, (code, message)
+
+    def _deadline(self, timeout_us: int, context: grpc.aio.ServicerContext | None) -> float | None:
+        """The earliest of the client's gRPC deadline, Triton's ``timeout`` parameter
+        (microseconds) and --request-timeout, as a time.monotonic() value."""
+        now = time.monotonic()
+        limits = [self.request_timeout_s] if self.request_timeout_s > 0 else []
+        if timeout_us > 0:
+            limits.append(timeout_us / 1e6)
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None:
+            limits.append(remaining)
+        return now + min(limits) if limits else None
 
     def _count(self, name: str, policy: str, code: grpc.StatusCode, started: float) -> None:
         elapsed = time.perf_counter() - started

@@ -43,6 +43,18 @@ class ServerMetrics:
         self.resets = Counter(
             "ttaserve_session_resets", "Session state resets by reason",
             ["model", "policy", "reason"], registry=r)
+        self.updates_skipped = Counter(
+            "ttaserve_updates_skipped", "Adaptation updates rolled back for outlier batches (ttaserve/outliers.py)",
+            ["model", "policy", "reason"], registry=r)
+        self.rejected = Counter(
+            "ttaserve_rejected", "Requests refused by a configured cap, by cap",
+            ["model", "cap"], registry=r)
+        self.state_writes = Counter(
+            "ttaserve_state_writes", "Session state files written (--state-dir), by trigger",
+            ["model", "reason"], registry=r)
+        self.state_files = Counter(
+            "ttaserve_state_files", "State files restored, revived, found corrupt or failed to write",
+            ["model", "outcome"], registry=r)
         self.batch_drift = Histogram(
             "ttaserve_batch_drift_score", "Per-batch BN-statistics divergence from source",
             ["model", "policy"], buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100), registry=r)

@@ -1,12 +1,17 @@
-"""The HTTP side: Prometheus ``/metrics`` on its own port, in a background thread."""
+"""The HTTP side, in a background thread: Prometheus ``/metrics`` and, on every other path,
+an optional WSGI app (the live dashboard, see dashboard.py)."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable
 from http.server import ThreadingHTTPServer
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -18,19 +23,38 @@ class _ThreadingWSGIServer(ThreadingHTTPServer):
     daemon_threads = True
 
 
+def _not_found(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    start_response("404 Not Found", [("Content-Type", "text/plain")])
+    return [b"metrics are at /metrics\n"]
+
+
 class MetricsHTTPServer:
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+    """``pages`` serves every path but ``/metrics``; if it has ``close()``, :meth:`stop`
+    calls it."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, pages: WSGIApp | None = None) -> None:
         from wsgiref.simple_server import WSGIServer
 
         class Server(_ThreadingWSGIServer, WSGIServer):
             pass
 
-        self._httpd = make_server(host, port, make_wsgi_app(registry), Server, _QuietHandler)
+        metrics_app, self._pages = make_wsgi_app(registry), pages
+
+        def route(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") == "/metrics":
+                return metrics_app(environ, start_response)
+            return (pages or _not_found)(environ, start_response)
+
+        self._httpd = make_server(host, port, route, Server, _QuietHandler)
         self.port = self._httpd.server_port
-        self.url = f"http://{host}:{self.port}/metrics"
+        self.base_url = f"http://{host}:{self.port}/"
+        self.url = f"{self.base_url}metrics"
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+        close = getattr(self._pages, "close", None)
+        if close is not None:
+            close()

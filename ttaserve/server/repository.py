@@ -17,11 +17,13 @@ import torch
 
 from ttaserve.batching import Request, predict_many
 from ttaserve.engine import BatchReport, Engine, PolicyChoice
-from ttaserve.errors import NotFound
+from ttaserve.errors import DeadlineExceeded, NotFound, Overloaded
 from ttaserve.handlers.loader import LoadedModel
 from ttaserve.handlers.spec import ModelSpec
+from ttaserve.outliers import OutlierConfig
 from ttaserve.server.convert import InferRequest
 from ttaserve.server.metrics import ServerMetrics
+from ttaserve.server.persistence import StateStore
 from ttaserve.server.scheduler import Batcher
 from ttaserve.sessions import Session, SessionLimits
 
@@ -53,15 +55,21 @@ class ServedModel:
         workers: int = 1,
         max_batch: int = 256,
         batch_delay_s: float = 0.0,
+        max_queue: int = 0,
+        outliers: OutlierConfig = OutlierConfig(),
     ) -> None:
         self.spec: ModelSpec = loaded.spec
         self.metrics = metrics
+        self.max_queue = max_queue  # 0: unbounded
+        self.pending = 0  # requests waiting for or running on the worker (event-loop owned)
+        self.state_store: StateStore | None = None  # set when the server has --state-dir
         self.engine = Engine(
             loaded.model,
             loaded.policy or default_policy,
             limits=limits,
             on_drop=self._session_dropped,
             monitor=self._observe_batch,
+            outliers=outliers,
             **(loaded.params if loaded.policy else default_params),
         )
         self.stats = Statistics()
@@ -77,17 +85,48 @@ class ServedModel:
         return self.spec.name
 
     async def infer(self, request: InferRequest) -> tuple[dict[str, np.ndarray], str]:
-        """Run the request on the model's worker; returns (outputs, policy used)."""
+        """Run the request on the model's worker; returns (outputs, policy used).
+
+        Past ``max_queue`` waiting requests the request is refused (RESOURCE_EXHAUSTED);
+        one whose deadline passes while it waits is not run (DEADLINE_EXCEEDED)."""
+        if self.max_queue and self.pending >= self.max_queue:
+            self.metrics.rejected.labels(self.name, "max_queue").inc()
+            raise Overloaded(f"model {self.name!r} already has {self.pending} requests queued "
+                             f"(--max-queue={self.max_queue}); retry later or add replicas")
         enqueued = time.perf_counter_ns()
-        if self.batcher is not None:
-            return await self.batcher.submit((request, enqueued))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._infer_sync, request, enqueued)
+        self.pending += 1
+        try:
+            if self.batcher is not None:
+                return await self.batcher.submit((request, enqueued))
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self._infer_sync, request, enqueued)
+        finally:
+            self.pending -= 1
+
+    def _admit(self, request: InferRequest) -> None:
+        """On the worker, right before running: drop late requests, revive evicted sessions."""
+        if request.deadline is not None and time.monotonic() > request.deadline:
+            self.metrics.rejected.labels(self.name, "deadline").inc()
+            raise DeadlineExceeded("the request's deadline passed while it waited for the model "
+                                   "(client deadline, 'timeout' parameter or --request-timeout); "
+                                   "it was not run")
+        if self.state_store is not None and request.sequence_id is not None and not request.start:
+            self.state_store.revive(request.sequence_id)
 
     def _infer_many_sync(
         self, items: Sequence[tuple[InferRequest, int]]
     ) -> list[tuple[dict[str, np.ndarray], str] | Exception]:
         started = time.perf_counter_ns()
+        late: dict[int, Exception] = {}
+        for i, (r, _) in enumerate(items):
+            try:
+                self._admit(r)
+            except DeadlineExceeded as exc:
+                late[i] = exc
+        if late:  # answered without running; the others go on as one batch
+            kept = [item for i, item in enumerate(items) if i not in late]
+            done_kept = iter(self._infer_many_sync(kept) if kept else [])
+            return [late[i] if i in late else next(done_kept) for i in range(len(items))]
         policies = [self._policy_of(r) for r, _ in items]
         requests = [Request(_tensor(r), r.sequence_id, r.adapt, r.policy, r.start, r.end) for r, _ in items]
         with torch.inference_mode(False):
@@ -108,6 +147,7 @@ class ServedModel:
     def _infer_sync(self, request: InferRequest, enqueued: int) -> tuple[dict[str, np.ndarray], str]:
         started = time.perf_counter_ns()
         self.metrics.queue_seconds.labels(self.name).observe((started - enqueued) / 1e9)
+        self._admit(request)
         x = _tensor(request)
         policy = self._policy_of(request)
         with torch.inference_mode(False):
@@ -144,6 +184,8 @@ class ServedModel:
         self.metrics.live_sessions.labels(self.name).set(len(self.engine.sessions))
 
     def _observe_batch(self, report: BatchReport) -> None:
+        if report.skipped is not None:
+            self.metrics.updates_skipped.labels(self.name, report.policy, report.skipped).inc()
         for reason in report.resets:
             self.metrics.resets.labels(self.name, report.policy, reason).inc()
         if "norm_divergence" in report.signals:
@@ -156,6 +198,8 @@ class ServedModel:
 
     def _session_dropped(self, session: Session, reason: str) -> None:
         self.metrics.session_events.labels(self.name, reason).inc()
+        if self.state_store is not None:
+            self.state_store.dropped(session, reason)
 
     def shutdown(self) -> None:
         if self.batcher is not None:
