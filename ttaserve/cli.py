@@ -162,11 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_serve, _add_policies, _add_train):
         add(sub)
+    from ttaserve.bench.cli import add_bench_commands
     from ttaserve.cli_control import add_commands
     from ttaserve.prepare import add_command as add_prepare
 
     add_commands(sub)
     add_prepare(sub)
+    add_bench_commands(sub)
     return parser
 
 
