@@ -6,7 +6,12 @@ can be imported in the same process."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,3 +79,23 @@ def infer_input(x: np.ndarray, name: str = "input", datatype: str = "FP32") -> g
 
 def images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 1, 28, 28), dtype=np.float32)
+
+
+def start_process(*args: str) -> tuple[subprocess.Popen, str, str]:
+    """`python -m ttaserve serve` on free ports as a real process; returns it with its gRPC
+    address and metrics URL once it reports ready."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ttaserve", "serve", "--grpc-port", "0", "--metrics-port", "0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline, line = time.monotonic() + 120, ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        if line.startswith("ttaserve ready") or not line:
+            break
+    match = re.search(r"gRPC (\S+), metrics (\S+)", line)
+    if not match:
+        proc.kill()
+        raise AssertionError(f"server did not start: {line!r}")
+    return proc, match.group(1), match.group(2)

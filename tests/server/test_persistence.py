@@ -3,11 +3,8 @@ skipped, and a real SIGKILL of a `ttaserve serve` process."""
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -15,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.server.conftest import Handle, images, infer_input, running_server
+from tests.server.conftest import Handle, images, infer_input, running_server, start_process
 from ttaserve import snapshot
 from ttaserve.server.persistence import (
     CorruptStateFile,
@@ -125,20 +122,7 @@ def test_corrupt_and_truncated_files_are_skipped(tmp_path: Path) -> None:
 
 
 def _start(state_dir: Path) -> tuple[subprocess.Popen, str, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ttaserve", "serve", "--grpc-port", "0", "--metrics-port", "0",
-         "--state-dir", str(state_dir), "--state-interval", "0.3", "--torch-threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline, line = time.monotonic() + 120, ""
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        if line.startswith("ttaserve ready") or not line:
-            break
-    match = re.search(r"gRPC (\S+), metrics (\S+)", line)
-    assert match, f"server did not start: {line!r}"
-    return proc, match.group(1), match.group(2)
+    return start_process("--state-dir", str(state_dir), "--state-interval", "0.3", "--torch-threads", "1")
 
 
 def test_sigkill_mid_stream_loses_at_most_the_last_interval(tmp_path: Path) -> None:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -16,26 +13,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.server.conftest import images, infer_input
+from tests.server.conftest import images, infer_input, start_process
 
 
 @pytest.fixture(scope="module")
 def process() -> Iterator[tuple[subprocess.Popen, str, str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ttaserve", "serve", "--grpc-port", "0", "--metrics-port", "0",
-         "--policy", "alpha-bn", "--param", "alpha=0.2", "--grace", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.monotonic() + 120
-    line = ""
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        if line.startswith("ttaserve ready") or not line:
-            break
-    match = re.search(r"gRPC (\S+), metrics (\S+)", line)
-    assert match, f"server did not start: {line!r}"
-    yield proc, match.group(1), match.group(2)
+    proc, url, metrics_url = start_process("--policy", "alpha-bn", "--param", "alpha=0.2", "--grace", "5")
+    yield proc, url, metrics_url
     if proc.poll() is None:
         proc.kill()
 
