@@ -340,7 +340,7 @@ def test_invalid_parameters_are_rejected(bad: dict[str, float]) -> None:
 
 def test_defaults() -> None:
     p = UnMixTNSParams()
-    assert (p.K, p.tau, p.b_max, p.alpha_init, p.seed) == (16, 0.07, 64, 0.5, 0)
+    assert (p.K, p.tau, p.b_max, p.alpha_init, p.seed) == (128, 0.07, 64, 0.5, 0)
     assert math.isclose(batch_momentum(0.1, p.b_max, p.b_max), 0.1)
 
 

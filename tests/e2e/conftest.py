@@ -86,3 +86,4 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+from tests.server.conftest import served  # noqa: E402,F401  (module-scoped server fixture for e2e tests)

@@ -40,6 +40,10 @@ Choices made here (the paper leaves them open or the spec asks to fix them):
   statistics never see a later layer's update of the same batch, and a failed forward
   leaves the state untouched.
 * Only BatchNorm2d layers are un-mixed; BatchNorm1d layers keep the source statistics.
+* Default K = 128 (the paper's value for mixed-domain streams; 16 for single domains),
+  chosen on the accuracy benchmark's validation split (README "Accuracy"): with K = 16 the
+  random component means shift every channel by ~0.18 source std, which costs the demo
+  model 38.6 -> 74.7 % error; K = 128 gives 42.9 %.
 
 Behaviour on the demo model (gaussian noise std 0.5, batch 64): the random components cost
 accuracy at first and are pulled toward the test statistics slowly, so over 2,048 images
@@ -73,7 +77,7 @@ DEFAULT_BN_MOMENTUM = 0.1  # what torch uses; taken when a layer has momentum=No
 
 @dataclass(frozen=True)
 class UnMixTNSParams:
-    K: int = 16  # components per layer (the paper uses 128 for mixed-domain streams)
+    K: int = 128  # components per layer: the paper's mixed-domain value, chosen by README "Accuracy"
     tau: float = 0.07  # softmax temperature of the cosine assignment
     b_max: int = 64  # batch size at which m equals the layer's BN momentum
     alpha_init: float = 0.5  # share of the source variance spread into component means

@@ -236,6 +236,7 @@ def run(config: Config, progress: Callable[[int, str], None] | None = None,
     row's predictor (default: an in-process engine)."""
     torch.set_num_threads(config.threads)
     started = time.time()
+    env = environment(config)  # hashed before loading: the weights these numbers come from
     pools = make_pools(config)
     models = load_models(config.rows)
     factory = predictors or _default_factory(config, models)
@@ -252,7 +253,7 @@ def run(config: Config, progress: Callable[[int, str], None] | None = None,
                 result["rows"][row.label]["path"] = predictor.path
         finally:
             predictor.close()
-    return {"config": _config_json(config), "environment": environment(config),
+    return {"config": _config_json(config), "environment": env,
             "sizes": {"images_per_corruption": config.n, "batch1_images_per_corruption": config.n_small,
                       "continual_images_per_corruption_per_round": config.n_continual,
                       "subset_sha256": hashlib.sha256(pools.indices.numpy().tobytes()).hexdigest()[:16]},
@@ -319,8 +320,15 @@ def _sha256(path: str) -> str | None:
 
 
 def iter_rows(result: dict[str, Any]) -> Iterator[str]:
-    """Row labels of a result document, in table order."""
+    """Row labels of a result document in table order: by policy (variants next to their
+    policy), then as first seen."""
     seen: dict[str, None] = {}
     for cell in result["cells"]:
         seen.update(dict.fromkeys(cell["rows"]))
-    yield from seen
+    first = {label: i for i, label in enumerate(seen)}
+
+    def rank(label: str) -> tuple[int, bool, int]:
+        base = label.split("(")[0]
+        return (_ORDER.index(base) if base in _ORDER else len(_ORDER), label != base, first[label])
+
+    yield from sorted(seen, key=rank)

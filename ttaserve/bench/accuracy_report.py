@@ -42,7 +42,8 @@ def table(result: dict[str, Any]) -> str:
         lines += ["", f"continual, batch {cell['batch']}: error per round (%)", "",
                   "| policy | " + " | ".join(f"round {r + 1}" for r in range(rounds)) + " | resets |",
                   "|---|" + "---:|" * (rounds + 1)]
-        for row, v in cell["rows"].items():
+        for row in (r for r in iter_rows(result) if r in cell["rows"]):
+            v = cell["rows"][row]
             lines.append(f"| {row} | " + " | ".join(_fmt(e) for e in v["per_round"])
                          + f" | {v['resets'] if v['resets'] is not None else '-'} |")
     return "\n".join(lines)
@@ -173,7 +174,8 @@ def _heatmap(ax: Any, rows: list[str], cells: list[dict[str, Any]]) -> None:
 
 def _curves(ax: Any, cell: dict[str, Any], corruptions: list[str]) -> None:
     colors = matplotlib_colors(len(cell["rows"]))
-    for (row, values), color in zip(cell["rows"].items(), colors):
+    ordered = [(r, cell["rows"][r]) for r in iter_rows({"cells": [cell]})]
+    for (row, values), color in zip(ordered, colors):
         style = "--" if row in _ADAPTIVE_EXCLUDED or row.endswith("noguard") else "-"
         ax.plot(range(len(values["curve"])), values["curve"], style, label=row, linewidth=1.2, color=color)
     blocks = len(corruptions)

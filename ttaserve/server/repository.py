@@ -134,7 +134,7 @@ class ServedModel:
         done = time.perf_counter_ns()
         (out_name,) = (t.name for t in self.spec.outputs)
         out: list[tuple[dict[str, np.ndarray], str] | Exception] = []
-        for (request, enqueued), policy, result in zip(items, policies, results):
+        for (_, enqueued), policy, result in zip(items, policies, results):
             self.metrics.queue_seconds.labels(self.name).observe((started - enqueued) / 1e9)
             if isinstance(result, Exception):
                 out.append(result)
