@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Install (first run only) with test tools and Fashion-MNIST, lint, then run the default
+# Install (first run only) with test tools and Fashion-MNIST, lint and type-check, then run the default
 # test suite. Extra args go to pytest (e.g. `-m slow` for the long suites).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TTASERVE_EXTRAS=dev TTASERVE_DATA_APT=1 bash scripts/setup.sh
 echo "==> ruff"
 .venv/bin/ruff check ttaserve tests
+echo "==> mypy"
+.venv/bin/mypy ttaserve
 echo "==> pytest"
 exec .venv/bin/python -m pytest "$@"
