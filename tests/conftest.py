@@ -29,10 +29,9 @@ class TinyNet(nn.Module):
         return self.head(self.pool(x))
 
 
-def make_tiny(seed: int = 0, channels: int = 4, num_classes: int = 3) -> TinyNet:
-    """A TinyNet with random weights and non-trivial BN running statistics."""
-    torch.manual_seed(seed)
-    net = TinyNet(channels, num_classes)
+def randomize_bn(net: nn.Module) -> nn.Module:
+    """Give every BatchNorm2d non-trivial running statistics and affine parameters (seeded
+    by the caller's torch.manual_seed); returns the net in eval mode."""
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -40,6 +39,12 @@ def make_tiny(seed: int = 0, channels: int = 4, num_classes: int = 3) -> TinyNet
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     return net.eval()
+
+
+def make_tiny(seed: int = 0, channels: int = 4, num_classes: int = 3) -> TinyNet:
+    """A TinyNet with random weights and non-trivial BN running statistics."""
+    torch.manual_seed(seed)
+    return randomize_bn(TinyNet(channels, num_classes))  # type: ignore[return-value]
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import randomize_bn
 from ttaserve.adapters import ModelError, PreparedModel, create_adapter, normalizer, prepare
 from ttaserve.adapters.ecotta import (
     build_meta_artifact,
@@ -50,14 +51,7 @@ class StagedNet(nn.Module):
 
 def staged_module(seed: int = 0) -> StagedNet:
     torch.manual_seed(seed)
-    net = StagedNet()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return net.eval()
+    return randomize_bn(StagedNet())  # type: ignore[return-value]
 
 
 def meta_tensors(model: PreparedModel, partitions: int = 2) -> dict[str, torch.Tensor]:
