@@ -14,8 +14,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/pip" install -q --upgrade pip
 fi
 
-stamp="$VENV/.ttaserve-installed-$( (cat pyproject.toml; echo "$EXTRAS") | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
+# One stamp per (pyproject, extras); a plain install is satisfied by any extras' install.
+base=$(sha256sum pyproject.toml | cut -c1-16)
+stamp="$VENV/.ttaserve-installed-$base-${EXTRAS:-core}"
+installed() {
+  [ -f "$stamp" ] || { [ -z "$EXTRAS" ] && compgen -G "$VENV/.ttaserve-installed-$base-*" >/dev/null; }
+}
+if ! installed; then
   # torch first and pinned: a CPU wheel of 2.13.0 may be on disk; an open range would
   # otherwise pull a multi-GB CUDA build.
   if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
@@ -24,7 +29,7 @@ if [ ! -f "$stamp" ]; then
   fi
   echo "==> installing ttaserve${EXTRAS:+[$EXTRAS]}"
   "$VENV/bin/pip" install -q -e ".${EXTRAS:+[$EXTRAS]}"
-  rm -f "$VENV"/.ttaserve-installed-*
+  find "$VENV" -maxdepth 1 -name '.ttaserve-installed-*' ! -name "*-$base-*" -delete
   touch "$stamp"
 fi
 
