@@ -24,6 +24,7 @@ from ttaserve.server.control import ControlService
 from ttaserve.server.dashboard import Dashboard
 from ttaserve.server.inference import InferenceService
 from ttaserve.server.limits import RpcGuard
+from ttaserve.server.memory import keep_freed_memory
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.metrics_http import MetricsHTTPServer
 from ttaserve.server.persistence import StateStore
@@ -81,6 +82,7 @@ class Server:
 
 
 async def start(settings: ServerSettings) -> Server:
+    keep_freed_memory()
     metrics = ServerMetrics()
     limits = SessionLimits(settings.session_idle_s, settings.max_sessions, settings.strict_sequences)
     served = [
