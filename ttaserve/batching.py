@@ -36,8 +36,7 @@ Result = torch.Tensor | Exception
 
 
 def shareable(engine: Engine, choice: PolicyChoice) -> bool:
-    adapter = engine.adapter(choice)
-    return hasattr(adapter, "forward_segments") and not len(adapter.init_state(engine.model))
+    return hasattr(engine.adapter(choice), "forward_segments") and engine.stateless(choice)
 
 
 def predict_many(engine: Engine, requests: Sequence[Request]) -> list[Result]:
@@ -71,7 +70,7 @@ def _shared_forward(engine: Engine, choice: PolicyChoice, group: list[Request], 
         offsets.append(offsets[-1] + request.x.shape[0])
     adapter = engine.adapter(choice)
     try:
-        with engine._observed(offsets) as moments:
+        with engine.observed(offsets) as moments:
             logits = adapter.forward_segments(engine.model, torch.cat([r.x for r in group]), offsets)  # type: ignore[attr-defined]
     except Exception as exc:
         for i in members:
@@ -82,7 +81,7 @@ def _shared_forward(engine: Engine, choice: PolicyChoice, group: list[Request], 
         session = engine.sessions.get(request.session) if request.session is not None else None
         if session is not None:
             _count(session, out)
-        engine._report(choice.name, out, moments, {}, session, (), segment=k)
+        engine.report(choice.name, out, moments, {}, session, (), segment=k)
         if request.end and request.session is not None:
             engine.sessions.end(request.session)
         results[i] = out

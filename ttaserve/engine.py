@@ -80,6 +80,7 @@ class Engine:
         self.drift = drift
         self.fingerprint = model_fingerprint(self.model)
         self._adapters: dict[PolicyChoice, Adapter] = {}
+        self._stateless: dict[PolicyChoice, bool] = {}
         self.default = self._validated(PolicyChoice.of(policy, params))
         self.sessions = SessionStore(limits, on_drop)
 
@@ -89,6 +90,13 @@ class Engine:
         if choice not in self._adapters:
             self._adapters[choice] = create_adapter(choice.name, self.model, **dict(choice.params))
         return self._adapters[choice]
+
+    def stateless(self, choice: PolicyChoice) -> bool:
+        """Whether the policy keeps no per-session state (decided once per policy choice:
+        building an initial state can cost real work, e.g. UnMix-TNS's random components)."""
+        if choice not in self._stateless:
+            self._stateless[choice] = not len(self.adapter(choice).init_state(self.model))
+        return self._stateless[choice]
 
     def _validated(self, choice: PolicyChoice) -> PolicyChoice:
         self.adapter(choice)
@@ -140,9 +148,9 @@ class Engine:
         if session is None:
             adapter = self.adapter(choice)
             state = adapter.init_state(self.model)
-            with self._observed() as moments:
+            with self.observed() as moments:
                 logits = adapter.forward(self.model, x, state, adapt)
-            self._report(choice.name, logits, moments, adapter.drift(state), None, ())
+            self.report(choice.name, logits, moments, adapter.drift(state), None, ())
             return logits
         live = self.open_session(session, choice, policy is not None, start)
         try:
@@ -171,7 +179,7 @@ class Engine:
             resets_before = session.resets.copy()
             gated = adapt and self.outliers.enabled and len(session.state) > 0
             before = session.state.state_dict() if gated else None
-            with self._observed(gate=gated) as moments:
+            with self.observed(gate=gated) as moments:
                 logits = session.adapter.forward(self.model, x, session.state, adapt)
             skipped = outlier_reason(x, moments, self.outliers) if gated else None
             if skipped is not None and before is not None:  # roll this batch's update back
@@ -187,15 +195,18 @@ class Engine:
             extra = session.adapter.drift(session.state)
             if session.guard is not None:
                 extra = {**extra, **{f"guard_{k}": v for k, v in session.guard.signals().items()}}
-            self._report(session.policy, logits, moments, extra, session, caused, skipped=skipped)
+            self.report(session.policy, logits, moments, extra, session, caused, skipped=skipped)
         return logits
 
-    def _observed(self, offsets: list[int] | None = None, gate: bool = False) -> Any:
+    def observed(self, offsets: list[int] | None = None, gate: bool = False) -> Any:
+        """Context collecting the BN-input moments of one forward (per request segment with
+        ``offsets``) when drift signals or the outlier gate need them."""
         return observe_moments(offsets) if self.drift or gate else contextlib.nullcontext([])
 
-    def _report(self, policy: str, logits: torch.Tensor, moments: list[Any], extra: dict[str, float],
+    def report(self, policy: str, logits: torch.Tensor, moments: list[Any], extra: dict[str, float],
                 session: Session | None, resets: tuple[str, ...], segment: int | None = None,
                 skipped: str | None = None) -> None:
+        """Fold one forward's outputs into the session's drift signals and tell the monitor."""
         if not self.drift and self.monitor is None:
             return
         tracker = session.drift if session is not None else None

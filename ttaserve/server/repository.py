@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ttaserve.batching import Request, predict_many
-from ttaserve.engine import BatchReport, Engine, PolicyChoice
+from ttaserve.engine import BatchReport, Engine
 from ttaserve.errors import DeadlineExceeded, NotFound, Overloaded
 from ttaserve.handlers.loader import LoadedModel
 from ttaserve.handlers.spec import ModelSpec
@@ -165,9 +165,7 @@ class ServedModel:
             session = self.engine.sessions.get(request.sequence_id)
             if session is not None and not request.start:
                 return session.policy
-        if request.policy:
-            return PolicyChoice.of(request.policy).name
-        return self.engine.default.name
+        return self.engine.choice_for(request.policy).name
 
     def _observe(self, batch: int, queue_ns: int, compute_ns: int, policy: str) -> None:
         s = self.stats
