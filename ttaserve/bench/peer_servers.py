@@ -51,7 +51,7 @@ class Setup:
     workdir: Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -134,7 +134,7 @@ def _torchserve_client(url: str) -> Callable[[], Caller]:
 
 
 def _launch_ttaserve(setup: Setup) -> Launch:
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "ttaserve", "serve", "--grpc-port", str(port),
                "--metrics-port", "-1", "--policy", "source", "--torch-threads", str(setup.threads)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(setup.threads)}
@@ -142,7 +142,7 @@ def _launch_ttaserve(setup: Setup) -> Launch:
 
 
 def _launch_triton(setup: Setup) -> Launch:
-    grpc_port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     env = _peer_env(setup)
     # pytriton's Python backend stub links libpython; without the running interpreter's
     # LIBDIR first it picks the system one and the model fails to load (RLock error).
@@ -155,9 +155,9 @@ def _launch_triton(setup: Setup) -> Launch:
 def _launch_mlserver(setup: Setup) -> Launch:
     root = setup.workdir / "mlserver"
     (root / "demo").mkdir(parents=True, exist_ok=True)
-    grpc_port = _free_port()
-    settings = {"host": "127.0.0.1", "http_port": _free_port(), "grpc_port": grpc_port,
-                "metrics_port": _free_port()}  # parallel_workers stays at MLServer's default
+    grpc_port = free_port()
+    settings = {"host": "127.0.0.1", "http_port": free_port(), "grpc_port": grpc_port,
+                "metrics_port": free_port()}  # parallel_workers stays at MLServer's default
     (root / "settings.json").write_text(json.dumps(settings))
     model = {"name": "demo", "implementation": "mlserver_peer.DemoRuntime"}
     (root / "demo" / "model-settings.json").write_text(json.dumps(model))
@@ -174,13 +174,13 @@ def _launch_torchserve(setup: Setup) -> Launch:
           "--handler", str(_SCRIPTS / "torchserve_peer.py"), "--extra-files",
           str(_SCRIPTS / "demo_model.py"), "--export-path", str(store),
           "--archive-format", "no-archive", "--force"], "torch-model-archiver")
-    grpc_port = _free_port()
+    grpc_port = free_port()
     config = {
-        "inference_address": f"http://127.0.0.1:{_free_port()}",
-        "management_address": f"http://127.0.0.1:{_free_port()}",
-        "metrics_address": f"http://127.0.0.1:{_free_port()}",
+        "inference_address": f"http://127.0.0.1:{free_port()}",
+        "management_address": f"http://127.0.0.1:{free_port()}",
+        "metrics_address": f"http://127.0.0.1:{free_port()}",
         "grpc_inference_address": "127.0.0.1", "grpc_inference_port": grpc_port,
-        "grpc_management_address": "127.0.0.1", "grpc_management_port": _free_port(),
+        "grpc_management_address": "127.0.0.1", "grpc_management_port": free_port(),
         "default_workers_per_model": 1, "disable_system_metrics": "true",
         "disable_token_authorization": "true", "python": str(setup.peers_python),
         "model_store": str(store), "load_models": "demo",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ttaserve.bench.peer_servers import free_port
 from ttaserve.engine import Engine
 
 __all__ = ["grpc_vs_inprocess", "many_sessions", "served"]
@@ -39,12 +39,6 @@ Progress = Callable[[int, str], None]
 Streams = dict[int, list[np.ndarray]]
 MODEL = "demo"
 GRPC_SEQUENCES = (10_001, 10_002)  # part 2's ids, apart from the many-sessions ids 1..N
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _client(url: str) -> Any:
@@ -62,7 +56,7 @@ def served(log_dir: Path, threads: int, configs: dict[str, int],
     procs: dict[str, tuple[subprocess.Popen[bytes], str, Path]] = {}
     try:
         for name, delay_us in configs.items():
-            port, log = _free_port(), log_dir / f"ttaserve-{name}.log"
+            port, log = free_port(), log_dir / f"ttaserve-{name}.log"
             command = [sys.executable, "-m", "ttaserve", "--log-level", "WARNING", "serve",
                        "--grpc-port", str(port), "--metrics-port", "-1",
                        "--torch-threads", str(threads), "--batch-delay-us", str(delay_us)]
