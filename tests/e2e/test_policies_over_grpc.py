@@ -2,7 +2,7 @@
 
 A sanity check of the serving path per policy (finite logits, far better than the 90 %
 chance error on 256 noisy images); how good each policy is, is the accuracy benchmark's
-job (README "Accuracy"): UnMix-TNS, for one, adapts slowly and is still worse than source
+job (docs/BENCHMARKS.md "Accuracy"): UnMix-TNS, for one, adapts slowly and is still worse than source
 this early in a stream."""
 
 from __future__ import annotations

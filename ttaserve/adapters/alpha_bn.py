@@ -13,7 +13,7 @@ of the request's own batch, so at batch size 1 they are the sample's instance st
 Stateless across batches; no backward pass; train/eval mode make no difference.
 
 Default alpha = 0.1 (90 % batch statistics) was chosen on the accuracy benchmark's
-validation split (training images, severity 4; README "Accuracy"): the largest alpha whose
+validation split (training images, severity 4; docs/BENCHMARKS.md "Accuracy"): the largest alpha whose
 i.i.d. error at batch 64 and 16 stays within 1 point of the best (alpha = 0). The paper's
 "Core" loss is not implemented.
 """

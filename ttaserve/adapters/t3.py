@@ -28,7 +28,7 @@ gamma = 0.5 but no lambda bounds, and no rescaling of JS could be verified):
   whole [lambda_min, lambda_max] (JS = 0 -> lambda_min, JS = ln 2 -> lambda_max); it is
   our addition and off by default, so the default is the formula as published.
 * Defaults lambda_min = 0.75, lambda_max = 1, chosen on the accuracy benchmark's validation
-  split (training images, severity 4, mixed stream, batch 64; README "Accuracy"): error
+  split (training images, severity 4, mixed stream, batch 64; docs/BENCHMARKS.md "Accuracy"): error
   18.1 / 15.6 / 14.1 / 13.7 % for lambda_min = 0 / 0.25 / 0.5 / 0.75 (expert 38.6 %,
   generalist 14.0 %); with the literal sigmoid band, 0.75 keeps lambda in 0.875-0.897.
   Merging only helps twins that are linearly mode-connected (an expert fine-tuned from its
@@ -73,7 +73,7 @@ _BN_TENSORS = ("running_mean", "running_var", "weight", "bias")
 
 @dataclass(frozen=True)
 class T3Params:
-    lambda_min: float = 0.75  # merge weight of the generalist when the models agree (README "Accuracy")
+    lambda_min: float = 0.75  # merge weight of the generalist when the models agree (docs/BENCHMARKS.md "Accuracy")
     lambda_max: float = 1.0  # ... when they disagree completely (before the sigmoid band)
     gamma: float = 0.5  # sigmoid slope on JS
     rescale: bool = False  # map sigmoid(gamma*JS) from [0.5, sigmoid(gamma ln 2)] onto [0, 1]

@@ -41,7 +41,7 @@ Choices made here (the paper leaves them open or the spec asks to fix them):
   leaves the state untouched.
 * Only BatchNorm2d layers are un-mixed; BatchNorm1d layers keep the source statistics.
 * Default K = 128 (the paper's value for mixed-domain streams; 16 for single domains),
-  chosen on the accuracy benchmark's validation split (README "Accuracy"): with K = 16 the
+  chosen on the accuracy benchmark's validation split (docs/BENCHMARKS.md "Accuracy"): with K = 16 the
   random component means shift every channel by ~0.18 source std, which costs the demo
   model 38.6 -> 74.7 % error; K = 128 gives 42.9 %.
 
@@ -77,7 +77,7 @@ DEFAULT_BN_MOMENTUM = 0.1  # what torch uses; taken when a layer has momentum=No
 
 @dataclass(frozen=True)
 class UnMixTNSParams:
-    K: int = 128  # components per layer: the paper's mixed-domain value, chosen by README "Accuracy"
+    K: int = 128  # components per layer: the paper's mixed-domain value, chosen by docs/BENCHMARKS.md "Accuracy"
     tau: float = 0.07  # softmax temperature of the cosine assignment
     b_max: int = 64  # batch size at which m equals the layer's BN momentum
     alpha_init: float = 0.5  # share of the source variance spread into component means
