@@ -10,7 +10,7 @@ import ttaserve.models
 from ttaserve import Engine
 from ttaserve.adapters import create_adapter, policy_names, prepare
 from ttaserve.bench.corruptions import corrupt
-from ttaserve.bench.data import load_split
+from ttaserve.data import load_split
 from ttaserve.outliers import OutlierConfig, outlier_reason
 
 

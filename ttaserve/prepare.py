@@ -41,7 +41,7 @@ def _source(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     if args.source_npz:
         with np.load(args.source_npz) as data:
             return torch.from_numpy(data["x"].astype(np.float32)), torch.from_numpy(data["y"].astype(np.int64))
-    from ttaserve.bench.data import load_split
+    from ttaserve.data import load_split
 
     return load_split("train", args.data)
 

@@ -318,7 +318,7 @@ def test_drift_reports_memory_size(npc_model: PreparedModel) -> None:
 
 # -- the demo model and its shipped memory ---------------------------------------------
 def test_demo_memory_is_sensible_on_real_data(demo_module: nn.Module) -> None:
-    from ttaserve.bench.data import load_split
+    from ttaserve.data import load_split
 
     x, y = load_split("test")
     x, y = x[:512], y[:512]

@@ -298,7 +298,7 @@ def test_build_meta_artifact_writes_a_loadable_file(tmp_path) -> None:  # type: 
 
 # -- the demo model, real data -----------------------------------------------------------
 def test_demo_warmed_up_meta_networks_adapt_to_noise() -> None:
-    from ttaserve.bench.data import load_split
+    from ttaserve.data import load_split
     from ttaserve.models import demo
 
     x, y = load_split("test")

@@ -255,7 +255,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.mark.usefixtures("one_thread")
 def test_demo_twins_disagree_more_under_noise_and_t3_beats_the_expert_there(demo_module: nn.Module) -> None:
-    from ttaserve.bench.data import load_split
+    from ttaserve.data import load_split
 
     x, y = load_split("test")
     x, y = x[:128], y[:128]

@@ -168,7 +168,7 @@ def test_params_and_model_checks() -> None:
 
 
 def test_demo_beats_source_on_noisy_iid(demo_module: nn.Module) -> None:
-    from ttaserve.bench.data import load_split
+    from ttaserve.data import load_split
 
     x, y = load_split("test")
     pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:256]

@@ -351,7 +351,7 @@ def test_label_sorted_stream_does_not_hurt_unmix_tns_like_tbn(demo_module: nn.Mo
     """Gaussian noise on 512 Fashion-MNIST test images, batch 64: sorting the stream by
     label costs TBN about 20 points (56 % -> 76 %) and unmix-tns nothing (91 % both: on
     this model it needs a longer stream to beat source, see the policy's docstring)."""
-    from ttaserve.bench.data import load_split
+    from ttaserve.data import load_split
 
     x, y = load_split("test")
     gen = torch.Generator().manual_seed(0)

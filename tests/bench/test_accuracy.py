@@ -22,9 +22,9 @@ from ttaserve.bench.accuracy import (
 )
 from ttaserve.bench.accuracy_report import check_goals, write
 from ttaserve.bench.corruptions import corrupt
-from ttaserve.bench.data import load_split
 from ttaserve.bench.streams import generator
 from ttaserve.cli import main
+from ttaserve.data import load_split
 from ttaserve.models import demo
 
 # A few seconds: two corruptions, 48 images, every stream kind, batch 16 and 1.

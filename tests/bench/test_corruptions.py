@@ -7,7 +7,7 @@ import torch
 
 from ttaserve.bench import image_ops as ops
 from ttaserve.bench.corruptions import CORRUPTIONS, corrupt
-from ttaserve.bench.data import load_split
+from ttaserve.data import load_split
 
 # Corruptions that draw no random numbers: the seed must not matter for them.
 DETERMINISTIC = {

@@ -15,7 +15,7 @@ import torch
 
 from tests.server.conftest import Handle, infer_input
 from ttaserve.adapters import policy_names
-from ttaserve.bench.data import load_split
+from ttaserve.data import load_split
 
 
 @pytest.fixture(scope="module")

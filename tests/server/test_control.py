@@ -95,7 +95,7 @@ def test_drift_is_higher_on_shifted_data(served: Handle, control: ControlClient)
 
 
 def _clean(n: int, seed: int) -> np.ndarray:
-    from ttaserve.bench.data import load_split
+    from ttaserve.data import load_split
 
     x, _ = load_split("test")
     return x[seed * n:(seed + 1) * n].numpy()

@@ -28,8 +28,8 @@ import torch
 from ttaserve.adapters import PreparedModel, policy_names, prepare
 from ttaserve.adapters.guard import GuardConfig
 from ttaserve.bench.corruptions import CORRUPTIONS, corrupt
-from ttaserve.bench.data import load_split
 from ttaserve.bench.streams import Episode, StreamSpec, build, generator, parse_stream
+from ttaserve.data import load_split
 from ttaserve.engine import Engine
 
 __all__ = ["Config", "Row", "default_rows", "parse_row", "quick_config", "run"]

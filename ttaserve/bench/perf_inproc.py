@@ -47,7 +47,7 @@ def bench_model(adanpc_entries: int) -> PreparedModel:
     """The demo model, its AdaNPC source memory enlarged to ``adanpc_entries`` entries.
 
     The shipped memory (10k entries) is repeated: the search costs the same for any values,
-    only the number of entries and their width count (BENCHMARKS.md asks for 60k)."""
+    only the number of entries and their width count (the goal in docs/BENCHMARKS.md is stated for 60k)."""
     from ttaserve.models import demo, load_tensors
 
     model = prepare(demo())
@@ -63,7 +63,7 @@ def bench_model(adanpc_entries: int) -> PreparedModel:
 def bench_images(data: str | None, count: int) -> tuple[torch.Tensor, str]:
     """The first ``count`` Fashion-MNIST test images (random pixels when the data is missing)."""
     try:
-        from ttaserve.bench.data import load_split
+        from ttaserve.data import load_split
 
         return load_split("test", data)[0][:count].contiguous(), "fashion-mnist test"
     except FileNotFoundError:

@@ -49,7 +49,7 @@ def build_adanpc_memory(
     """The demo model's AdaNPC source memory (features float16, labels int64)."""
     from ttaserve.adapters.adanpc import build_source_memory
     from ttaserve.adapters.model import prepare
-    from ttaserve.bench.data import load_split
+    from ttaserve.data import load_split
     from ttaserve.models import demo
 
     x, y = load_split("train", data)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ttaserve.bench.data import load_split
+from ttaserve.data import load_split
 from ttaserve.models.resnet import DemoResNet
 
 log = logging.getLogger(__name__)
