@@ -20,17 +20,17 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from ttaserve.adapters import PreparedModel, policy_names, prepare
-from ttaserve.adapters.guard import GuardConfig
+from ttaserve.bench.accuracy_grpc import predictor_factory
+from ttaserve.bench.accuracy_rows import EnginePredictor, Predictor, Row, engine_for
 from ttaserve.bench.corruptions import CORRUPTIONS, corrupt
 from ttaserve.bench.streams import Episode, StreamSpec, build, generator, parse_stream
 from ttaserve.data import load_split
-from ttaserve.engine import Engine
 
 __all__ = ["Config", "Row", "default_rows", "parse_row", "quick_config", "run"]
 
@@ -39,22 +39,6 @@ _ORDER = ("source", "generalist", "alpha-bn", "tbn", "unmix-tns", "adanpc", "ten
           "tent-noguard", "ecotta", "t3", "t3-b")
 _ROW = re.compile(r"^([a-z0-9_-]+)(?:\((.*)\))?$")
 _SHARED_ONLY = ("continual", "mixed")  # streams of one long session
-
-
-@dataclass(frozen=True)
-class Row:
-    """One line of the table: a policy with parameters, on a model, with or without guard."""
-
-    label: str
-    policy: str
-    params: tuple[tuple[str, Any], ...] = ()
-    model: str = "demo"  # "demo" (the expert) or "generalist" (T3's other model)
-    guard: bool = True  # the engine's collapse guard (on in the server)
-
-    @property
-    def servable(self) -> bool:
-        """Whether the stock server can run this row (it serves the demo, guard on)."""
-        return self.model == "demo" and self.guard
 
 
 _EXTRAS = {
@@ -152,41 +136,6 @@ def make_pools(config: Config) -> Pools:
     return Pools(torch.stack(xs), y[chosen].expand(len(xs), -1), chosen)
 
 
-class Predictor(Protocol):
-    """Where a row's predictions come from (in-process engine or the gRPC server)."""
-
-    path: str
-
-    def predict(self, x: torch.Tensor, session: str, start: bool, end: bool) -> torch.Tensor: ...
-
-    def finish(self, session: str) -> int | None: ...  # collapse-guard resets of the session
-
-    def close(self) -> None: ...
-
-
-class EnginePredictor:
-    def __init__(self, engine: Engine, path: str = "in-process") -> None:
-        self.engine = engine
-        self.path = path
-
-    def predict(self, x: torch.Tensor, session: str, start: bool, end: bool) -> torch.Tensor:
-        return self.engine.predict(x, session=session, start=start)
-
-    def finish(self, session: str) -> int | None:
-        live = self.engine.sessions.get(session)
-        resets = sum(live.resets.values()) if live is not None else 0
-        self.engine.sessions.end(session)
-        return resets
-
-    def close(self) -> None:
-        pass
-
-
-def engine_for(row: Row, models: dict[str, PreparedModel]) -> Engine:
-    return Engine(models[row.model], row.policy, guard=GuardConfig(enabled=row.guard), drift=False,
-                  **dict(row.params))
-
-
 def load_models(rows: tuple[Row, ...]) -> dict[str, PreparedModel]:
     from ttaserve import models
 
@@ -262,8 +211,6 @@ def run(config: Config, progress: Callable[[int, str], None] | None = None,
 
 def _default_factory(config: Config, models: dict[str, PreparedModel]) -> Callable[[Row], Predictor]:
     if config.via_grpc:
-        from ttaserve.bench.accuracy_grpc import predictor_factory
-
         return predictor_factory(models)
     return lambda row: EnginePredictor(engine_for(row, models))
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ttaserve.adapters import PreparedModel
-from ttaserve.bench.accuracy import EnginePredictor, Predictor, Row, engine_for
+from ttaserve.bench.accuracy_rows import EnginePredictor, Predictor, Row, engine_for
 
 __all__ = ["GrpcPredictor", "predictor_factory"]
 
