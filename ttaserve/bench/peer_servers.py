@@ -22,7 +22,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
-_SCRIPTS = _HERE / "peers"
+_SCRIPTS = _HERE / "peer_scripts"
 _REPO = _HERE.parents[1]
 _MODELS = _HERE.parent / "models"
 

@@ -6,7 +6,7 @@ time, and the same load generator in this process drives each at several concurr
 (closed loop: every worker thread sends its next request as soon as the last returns).
 
 Peers run from a separate virtualenv (``.venv-peers``, made by scripts/bench-peers.sh) so
-their pins never touch ttaserve's; the server-side files live in ``bench/peers/``.
+their pins never touch ttaserve's; the files that run inside each peer server live in ``bench/peer_scripts/``.
 
 Wire paths (all gRPC, the same client library where the protocol allows):
 - ttaserve, Triton (nvidia-pytriton's bundled tritonserver): stock tritonclient gRPC.
@@ -58,9 +58,7 @@ BATCH = 64
 GOALS = {"triton": 1.0, "mlserver": 1.5, "torchserve": 1.0}  # ttaserve/peer throughput
 PEERS = ("ttaserve", "triton", "mlserver", "torchserve")
 _HERE = Path(__file__).resolve().parent
-_SCRIPTS = _HERE / "peers"
 _REPO = _HERE.parents[1]
-_MODELS = _HERE.parent / "models"
 
 
 Caller = Callable[[np.ndarray], np.ndarray]  # images [B,1,28,28] -> logits [B,10]
