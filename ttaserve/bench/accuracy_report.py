@@ -58,7 +58,7 @@ def _goal(name: str, met: bool | None, detail: str) -> dict[str, Any]:
 
 
 def check_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """BENCHMARKS.md's accuracy goals on this result (``met`` is None when not measured)."""
+    """The accuracy goals (docs/BENCHMARKS.md "Accuracy") on this result (``met`` is None when not measured)."""
     return [_iid_goal(result), _dirichlet_goal(result), _batch1_goal(result),
             _continual_goal(result), _mixed_goal(result)]
 

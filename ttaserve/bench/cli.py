@@ -1,4 +1,4 @@
-"""``ttaserve bench ...``: the benchmark command group (BENCHMARKS.md).
+"""``ttaserve bench ...``: the benchmark command group (results in docs/BENCHMARKS.md).
 
 :func:`add_bench_commands` adds the ``bench`` parser and its subcommands; a new benchmark
 adds one ``_add_<name>(group)`` function to ``_COMMANDS``."""
@@ -186,7 +186,7 @@ _COMMANDS = (_add_accuracy, _add_perf)
 def add_bench_commands(sub: Any) -> None:
     """Add ``bench`` (with every benchmark subcommand) to the top-level subparsers."""
     bench = sub.add_parser("bench", help="accuracy and performance benchmarks",
-                           description="Benchmarks of BENCHMARKS.md: each prints a table and "
+                           description="The benchmarks of docs/BENCHMARKS.md: each prints a table and "
                            "writes JSON and a PNG chart.")
     group = bench.add_subparsers(dest="bench", required=True)
     for add in _COMMANDS:

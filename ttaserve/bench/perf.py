@@ -1,4 +1,4 @@
-"""``ttaserve bench perf``: what adaptation costs (BENCHMARKS.md, "Performance goals").
+"""``ttaserve bench perf``: what adaptation costs (docs/BENCHMARKS.md, "Performance").
 
 1. In-process overhead of every policy against the source forward on the same batches, at
    batch 1, 16 and 64, through the engine and through the bare adapter
@@ -48,7 +48,7 @@ class Config:
     reps: int = 9  # paired repetitions per policy and batch size
     block_s: float = 0.05  # a source block runs about this long; the policy's block as many batches
     threads: int = 1  # torch intra-op threads (0: torch's default); the servers get the same
-    adanpc_entries: int = 60_000  # AdaNPC source memory size (BENCHMARKS.md: 60k)
+    adanpc_entries: int = 60_000  # AdaNPC source memory size (docs/BENCHMARKS.md states the goal for 60k)
     data: str | None = None
     seed: int = 0
     server: bool = True  # parts 2 and 3 (start ttaserve subprocesses)

@@ -8,7 +8,7 @@ from typing import Any
 
 __all__ = ["GOALS", "check_goals", "table", "write"]
 
-# BENCHMARKS.md: largest overhead (policy time / source time) at batch 64, in-process.
+# docs/BENCHMARKS.md "Performance": largest overhead (policy time / source time) at batch 64, in-process.
 GOALS = {"alpha-bn": 1.10, "unmix-tns": 1.35, "adanpc": 1.30, "t3-b": 3.3, "ecotta": 2.5, "tent": 3.0}
 GRPC_GOAL = 0.85  # gRPC throughput / in-process throughput
 SESSIONS_GOAL = 2.0  # 32 concurrent sequences / one at a time
@@ -90,7 +90,7 @@ def _met(met: bool | None) -> str:
 
 
 def check_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """BENCHMARKS.md's performance goals on this result (``met`` None when not measured).
+    """The performance goals (docs/BENCHMARKS.md "Performance") on this result (``met`` None when not measured).
     Overhead goals are checked on the engine path (what a client gets) and the raw path."""
     goals = []
     b64 = result["overhead"].get("64", {}).get("policies", {})

@@ -1,4 +1,4 @@
-"""Test streams that judge adaptation policies (BENCHMARKS.md, "Streams").
+"""Test streams that judge adaptation policies (docs/BENCHMARKS.md, "Accuracy").
 
 A stream is a list of *episodes*; each episode is run through one fresh session (no state
 carried between episodes). An episode is a sequence of ``(domain, index)`` pairs: the
