@@ -6,7 +6,7 @@
 - ``entropy``: mean prediction entropy in nats.
 - ``label_shift``: total-variation distance between the recent predicted-label distribution
   and the source prior (uniform unless given), in [0, 1].
-Per session they are exponential moving averages; policies add their own (``drift()``).
+Per session they are exponential moving averages; policies add their own (``Adapter.signals``).
 """
 
 from __future__ import annotations

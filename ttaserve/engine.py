@@ -57,7 +57,9 @@ class Engine:
     Every session of a stateful policy is watched by a :class:`CollapseGuard` (``guard``
     configures it; ``GuardConfig(enabled=False)`` turns it off): when its adaptation
     collapses or its state turns non-finite, the session is reset to the policy's initial
-    state and ``session.resets[reason]`` is incremented.
+    state and ``session.resets[reason]`` is incremented. Each session also keeps drift
+    signals (:class:`ttaserve.drift.DriftTracker`); ``track_drift=False`` skips them (they
+    never change a prediction, and the accuracy benchmark saves their cost).
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class Engine:
         on_drop: Callable[[Session, str], None] | None = None,
         guard: GuardConfig = GuardConfig(),
         monitor: Callable[[BatchReport], None] | None = None,
-        drift: bool = True,
+        track_drift: bool = True,
         outliers: OutlierConfig = OutlierConfig(),
         **params: Any,
     ) -> None:
@@ -77,7 +79,7 @@ class Engine:
         self.guard = guard
         self.outliers = outliers
         self.monitor = monitor
-        self.drift = drift
+        self.track_drift = track_drift
         self.fingerprint = model_fingerprint(self.model)
         self._adapters: dict[PolicyChoice, Adapter] = {}
         self._stateless: dict[PolicyChoice, bool] = {}
@@ -150,7 +152,7 @@ class Engine:
             state = adapter.init_state(self.model)
             with self.observed() as moments:
                 logits = adapter.forward(self.model, x, state, adapt)
-            self.report(choice.name, logits, moments, adapter.drift(state), None, ())
+            self.report(choice.name, logits, moments, adapter.signals(state), None, ())
             return logits
         live = self.open_session(session, choice, policy is not None, start)
         try:
@@ -192,7 +194,7 @@ class Engine:
             session.samples += x.shape[0]
             session.last_active = time.monotonic()
             caused = tuple((session.resets - resets_before).elements())
-            extra = session.adapter.drift(session.state)
+            extra = session.adapter.signals(session.state)
             if session.guard is not None:
                 extra = {**extra, **{f"guard_{k}": v for k, v in session.guard.signals().items()}}
             self.report(session.policy, logits, moments, extra, session, caused, skipped=skipped)
@@ -201,13 +203,13 @@ class Engine:
     def observed(self, offsets: list[int] | None = None, gate: bool = False) -> Any:
         """Context collecting the BN-input moments of one forward (per request segment with
         ``offsets``) when drift signals or the outlier gate need them."""
-        return observe_moments(offsets) if self.drift or gate else contextlib.nullcontext([])
+        return observe_moments(offsets) if self.track_drift or gate else contextlib.nullcontext([])
 
     def report(self, policy: str, logits: torch.Tensor, moments: list[Any], extra: dict[str, float],
                 session: Session | None, resets: tuple[str, ...], segment: int | None = None,
                 skipped: str | None = None) -> None:
         """Fold one forward's outputs into the session's drift signals and tell the monitor."""
-        if not self.drift and self.monitor is None:
+        if not self.track_drift and self.monitor is None:
             return
         tracker = session.drift if session is not None else None
         if tracker is None:
@@ -223,7 +225,8 @@ class Engine:
         """The session's drift signals (EMAs), policy-specific ones included."""
         return dict(session.drift.signals) if session.drift is not None else {}
 
-    def layer_divergence(self, session: Session) -> dict[str, float]:
+    def layer_divergence_of(self, session: Session) -> dict[str, float]:
+        """The session's latest per-layer BN divergence (see :func:`layer_divergence`)."""
         return dict(session.drift.layers) if session.drift is not None else {}
 
     def snapshot(self, sequence_id: SequenceId) -> bytes:

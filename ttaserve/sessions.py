@@ -73,7 +73,8 @@ class SessionStore:
         with self._lock:
             return self._sessions.get(sequence_id)
 
-    def snapshot(self) -> list[Session]:
+    def live(self) -> list[Session]:
+        """The live sessions, as a list the caller may iterate while requests go on."""
         with self._lock:
             return list(self._sessions.values())
 

@@ -226,7 +226,7 @@ def test_batch_larger_than_capacity_keeps_its_last_samples(npc_model: PreparedMo
 def test_capacity_zero_never_stores(npc_model: PreparedModel) -> None:
     adapter = create_adapter("adanpc", npc_model, beta=0.0, capacity=0)
     _, state = _run(adapter, npc_model, _stream(2))
-    assert state["features"].shape[0] == 0 and adapter.drift(state)["memory_test_entries"] == 0
+    assert state["features"].shape[0] == 0 and adapter.signals(state)["memory_test_entries"] == 0
 
 
 def test_source_memory_is_shared_and_never_modified(npc_model: PreparedModel) -> None:
@@ -313,7 +313,7 @@ def test_interleaved_sessions_with_different_policies_equal_each_alone(npc_model
 def test_drift_reports_memory_size(npc_model: PreparedModel) -> None:
     adapter = create_adapter("adanpc", npc_model, beta=0.0, capacity=16)
     _, state = _run(adapter, npc_model, _stream(1))
-    assert adapter.drift(state) == {"memory_test_entries": 8.0, "memory_fill": 0.5}
+    assert adapter.signals(state) == {"memory_test_entries": 8.0, "memory_fill": 0.5}
 
 
 # -- the demo model and its shipped memory ---------------------------------------------

@@ -55,4 +55,4 @@ def test_policy_contract(model: PreparedModel, policy: str) -> None:
 
     # the shared model is never modified
     assert all(torch.equal(weights[k], v) for k, v in model.module.state_dict().items())
-    assert isinstance(adapter.drift(state), dict)
+    assert isinstance(adapter.signals(state), dict)

@@ -276,13 +276,13 @@ def test_interleaved_sessions_equal_each_alone(staged: tuple[StagedNet, dict[str
         assert torch.equal(b, tbn.predict(x, session="b", policy="tbn"))
 
 
-def test_batch_of_one_and_drift(model: PreparedModel) -> None:
+def test_batch_of_one_and_signals(model: PreparedModel) -> None:
     policy = create_adapter("ecotta", model)
     state = policy.init_state(model)
     out = policy.forward(model, batch(n=1), state)
     assert out.shape == (1, 3) and torch.isfinite(out).all()
-    drift = policy.drift(state)
-    assert drift["steps"] == 1.0 and all(math.isfinite(v) for v in drift.values())
+    signals = policy.signals(state)
+    assert signals["steps"] == 1.0 and all(math.isfinite(v) for v in signals.values())
 
 
 def test_build_meta_artifact_writes_a_loadable_file(tmp_path) -> None:  # type: ignore[no-untyped-def]

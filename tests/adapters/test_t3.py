@@ -216,17 +216,17 @@ def test_state_round_trip_and_adapt_false(policy: str, pair: PreparedModel, imag
     assert all(torch.equal(state[k], v) for k, v in before.items())
 
 
-def test_drift_reports_the_lambda_ema(pair: PreparedModel, images: torch.Tensor) -> None:
+def test_signals_report_the_lambda_ema(pair: PreparedModel, images: torch.Tensor) -> None:
     adapter = create_adapter("t3", pair, ema_momentum=0.25, rescale=True)
     state = adapter.init_state(pair)
-    assert adapter.drift(state) == {}
+    assert adapter.signals(state) == {}
     js_of = lambda x: js_divergence(source_logits(make_tiny(1), x), source_logits(make_tiny(0), x))  # noqa: E731
     lams = [merging_coefficient(js_of(x), adapter.params).mean().item() for x in (images[:4], images[4:])]
     adapter.forward(pair, images[:4], state)
     adapter.forward(pair, images[4:], state)
-    drift = adapter.drift(state)
-    assert drift["lambda_last"] == pytest.approx(lams[1], abs=1e-6)
-    assert drift["lambda_ema"] == pytest.approx(0.75 * lams[0] + 0.25 * lams[1], abs=1e-6)
+    signals = adapter.signals(state)
+    assert signals["lambda_last"] == pytest.approx(lams[1], abs=1e-6)
+    assert signals["lambda_ema"] == pytest.approx(0.75 * lams[0] + 0.25 * lams[1], abs=1e-6)
     stateless = create_adapter("t3", pair, ema_momentum=0.0)
     assert len(stateless.init_state(pair)) == 0
 
@@ -266,7 +266,7 @@ def test_demo_twins_disagree_more_under_noise_and_t3_beats_the_expert_there(demo
     for name, data in (("clean", x), ("noisy", noisy)):
         state = adapter.init_state(engine.model)
         errors[name] = (adapter.forward(engine.model, data, state).argmax(1) != y).float().mean().item()
-        lam[name] = adapter.drift(state)["lambda_last"]
+        lam[name] = adapter.signals(state)["lambda_last"]
     expert_noisy = (source_logits(demo_module, noisy).argmax(1) != y).float().mean().item()
     assert lam["noisy"] > lam["clean"]
     assert errors["noisy"] < expert_noisy

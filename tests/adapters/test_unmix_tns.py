@@ -324,10 +324,10 @@ def test_interleaved_sessions_equal_each_alone() -> None:
 
 def test_drift_reports_component_spread(tiny: PreparedModel) -> None:
     adapter = create_adapter("unmix-tns", tiny)
-    signals = adapter.drift(adapted_state(adapter, tiny))
+    signals = adapter.signals(adapted_state(adapter, tiny))
     assert signals["component_spread"] > 0 and signals["min_component_var"] > 0
     one = create_adapter("unmix-tns", tiny, K=1)
-    assert one.drift(one.init_state(tiny))["component_spread"] == 0.0
+    assert one.signals(one.init_state(tiny))["component_spread"] == 0.0
 
 
 @pytest.mark.parametrize(

@@ -164,16 +164,16 @@ def test_stream_scoped_session_ends_with_the_stream(served: Handle) -> None:
         for seed in range(3):  # no sequence id: one session scoped to this stream
             client.async_stream_infer("demo", [infer_input(images(2, seed))])
         assert all(results.get(timeout=30)[1] is None for _ in range(3))
-        scoped = [s for s in served.engine().sessions.snapshot() if str(s.sequence_id).startswith("_stream:")]
+        scoped = [s for s in served.engine().sessions.live() if str(s.sequence_id).startswith("_stream:")]
         assert len(scoped) == 1 and scoped[0].batches == 3
     finally:
         client.stop_stream()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(
-        str(s.sequence_id).startswith("_stream:") for s in served.engine().sessions.snapshot()
+        str(s.sequence_id).startswith("_stream:") for s in served.engine().sessions.live()
     ):
         time.sleep(0.05)
-    assert not any(str(s.sequence_id).startswith("_stream:") for s in served.engine().sessions.snapshot())
+    assert not any(str(s.sequence_id).startswith("_stream:") for s in served.engine().sessions.live())
 
 
 def test_oversized_message_is_resource_exhausted() -> None:

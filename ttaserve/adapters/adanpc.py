@@ -224,7 +224,7 @@ class AdaNPC:
             memory, new, scores[accept].argmax(dim=1), self.params.capacity
         )
 
-    def drift(self, state: TensorState) -> dict[str, float]:
+    def signals(self, state: TensorState) -> dict[str, float]:
         entries = float(state["labels"].shape[0])
         fill = entries / self.params.capacity if self.params.capacity else 0.0
         return {"memory_test_entries": entries, "memory_fill": fill}

@@ -89,7 +89,7 @@ class AlphaBN:
         with torch.no_grad(), normalizer(segmented_alpha_bn_norm(self.params.alpha, offsets)):
             return model(x)
 
-    def drift(self, state: TensorState) -> dict[str, float]:
+    def signals(self, state: TensorState) -> dict[str, float]:
         return {}
 
 

@@ -62,5 +62,6 @@ class Adapter(Protocol):
     ) -> torch.Tensor:
         """Predict for x with the current state, then (if adapt) update the state."""
 
-    def drift(self, state: TensorState) -> dict[str, float]:
-        """Policy-specific signals (memory size, merging coefficient, loss ...)."""
+    def signals(self, state: TensorState) -> dict[str, float]:
+        """Policy-specific signals of a session (memory size, merging coefficient, loss ...):
+        reported beside the drift signals (ttaserve/drift.py) and as metrics."""

@@ -316,7 +316,7 @@ class EcoTTA:
             state["stats.steps"].add_(1.0)
         return logits.detach()
 
-    def drift(self, state: TensorState) -> dict[str, float]:
+    def signals(self, state: TensorState) -> dict[str, float]:
         return {
             "loss": float(state["stats.loss"]),
             "kept_fraction": float(state["stats.kept"]),

@@ -44,5 +44,5 @@ class Source:
         with torch.no_grad(), normalizer(None):
             return model(x)
 
-    def drift(self, state: TensorState) -> dict[str, float]:
+    def signals(self, state: TensorState) -> dict[str, float]:
         return {}

@@ -282,7 +282,7 @@ class T3:
             self._track(state, lam, js)
         return logits
 
-    def drift(self, state: TensorState) -> dict[str, float]:
+    def signals(self, state: TensorState) -> dict[str, float]:
         if not state or int(state["batches"]) == 0:
             return {}
         return {k: float(state[k]) for k in ("lambda_ema", "lambda_last", "js_last")}

@@ -152,7 +152,7 @@ class Tent:
         assert first is not None
         return first
 
-    def drift(self, state: TensorState) -> dict[str, float]:
+    def signals(self, state: TensorState) -> dict[str, float]:
         return {"steps": float(state["step"]), "entropy": float(state["entropy"])}
 
     # -- one round: forward with trainable affine, entropy, Adam -----------------------

@@ -210,7 +210,7 @@ class UnMixTNS:
                 _apply(state, pending)
         return logits
 
-    def drift(self, state: TensorState) -> dict[str, float]:
+    def signals(self, state: TensorState) -> dict[str, float]:
         """How far apart the components are (RMS distance of component means from their
         centroid, averaged over channels and layers) and the smallest component variance."""
         spreads, smallest = [], math.inf

@@ -67,7 +67,7 @@ class EnginePredictor:
 
 
 def engine_for(row: Row, models: dict[str, PreparedModel]) -> Engine:
-    return Engine(models[row.model], row.policy, guard=GuardConfig(enabled=row.guard), drift=False,
+    return Engine(models[row.model], row.policy, guard=GuardConfig(enabled=row.guard), track_drift=False,
                   **dict(row.params))
 
 

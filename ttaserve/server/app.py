@@ -23,7 +23,7 @@ from ttaserve.server.auth import AuthInterceptor, Tokens
 from ttaserve.server.control import ControlService
 from ttaserve.server.dashboard import Dashboard
 from ttaserve.server.inference import InferenceService
-from ttaserve.server.limits import RpcGuard
+from ttaserve.server.limits import LimitsInterceptor
 from ttaserve.server.memory import keep_freed_memory
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.metrics_http import MetricsHTTPServer
@@ -103,10 +103,10 @@ async def start(settings: ServerSettings) -> Server:
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
     tokens = Tokens.load(settings.auth_token_file)
-    guard = RpcGuard(settings.max_concurrent_rpcs,
-                     lambda: metrics.rejected.labels("*", "max_concurrent_rpcs").inc())
+    limits = LimitsInterceptor(settings.max_concurrent_rpcs,
+                               lambda: metrics.rejected.labels("*", "max_concurrent_rpcs").inc())
     # Auth first: an unauthenticated peer learns nothing, not even that the server is busy.
-    interceptors = [AuthInterceptor(tokens), guard] if tokens.enabled else [guard]
+    interceptors = [AuthInterceptor(tokens), limits] if tokens.enabled else [limits]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     inference = InferenceService(repository, metrics, settings.max_batch_size, settings.session_idle_s,
                                  settings.request_timeout_s)

@@ -112,7 +112,7 @@ class ControlService(pb_grpc.AdaptationServiceServicer):
         models = [self.repository.get(request.model)] if request.model else list(self.repository)
         response = pb.ListSessionsResponse()
         for model in models:
-            for session in model.engine.sessions.snapshot():
+            for session in model.engine.sessions.live():
                 response.sessions.append(session_info(model, session))
         return response
 
@@ -123,7 +123,7 @@ class ControlService(pb_grpc.AdaptationServiceServicer):
         model, session = self._session(request)
         return pb.SessionDetail(
             info=session_info(model, session), signals=model.engine.signals_of(session),
-            resets_by_reason=dict(session.resets), layer_divergence=model.engine.layer_divergence(session),
+            resets_by_reason=dict(session.resets), layer_divergence=model.engine.layer_divergence_of(session),
             params_json=_params_json(session.params),
         )
 

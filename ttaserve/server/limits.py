@@ -1,4 +1,4 @@
-"""Transport-level guards around every RPC: a cap on concurrent RPCs and a clear answer to
+"""Transport-level limits checked around every RPC: a cap on concurrent RPCs and a clear answer to
 bytes that are not a protobuf message.
 
 - ``--max-concurrent-rpcs``: at most this many RPCs of the inference and control services
@@ -28,7 +28,10 @@ class _Garbage:
         self.error = error
 
 
-class RpcGuard(grpc.aio.ServerInterceptor):
+class LimitsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts RPCs against ``--max-concurrent-rpcs`` and turns unparseable requests into
+    INVALID_ARGUMENT (see the module docstring)."""
+
     def __init__(self, max_concurrent: int = 0, on_reject: Callable[[], None] | None = None) -> None:
         self.max_concurrent = max_concurrent  # 0: no cap
         self.active = 0  # touched only on the event loop

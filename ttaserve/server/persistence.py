@@ -199,7 +199,7 @@ class StateStore:
     def flush(self, reason: str = "periodic") -> int:
         """Write every live session changed since its last write; returns how many."""
         written = 0
-        for session in self.engine.sessions.snapshot():
+        for session in self.engine.sessions.live():
             if _scoped(session.sequence_id) or self._written.get(session.sequence_id) == _stamp(session):
                 continue
             with self._lock:

@@ -190,7 +190,7 @@ class ServedModel:
             self.metrics.batch_drift.labels(self.name, report.policy).observe(report.signals["norm_divergence"])
 
     def session_signals(self) -> Iterator[tuple[str, str, dict[str, float]]]:
-        for session in self.engine.sessions.snapshot():
+        for session in self.engine.sessions.live():
             if session.drift is not None:
                 yield self.name, session.policy, dict(session.drift.signals)
 
