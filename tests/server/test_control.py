@@ -172,16 +172,18 @@ def test_inference_needs_a_valid_token(secured: Handle, token: str | None, code:
 
 def test_scopes(secured: Handle) -> None:
     client, headers = _client_with(secured, "infer-token")
-    assert client.infer("demo", [infer_input(images(2))], headers=headers).as_numpy("logits").shape == (2, 10)
+    reply = client.infer("demo", [infer_input(images(2))], sequence_id=4242, headers=headers)
+    assert reply.as_numpy("logits").shape == (2, 10)
     with pytest.raises(grpc.RpcError) as err:
         ControlClient(secured.url, "infer-token").list_sessions()
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.RpcError) as err:
         ControlClient(secured.url).list_sessions()
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert ControlClient(secured.url, "admin-token").list_sessions() is not None
+    listed = ControlClient(secured.url, "admin-token").list_sessions("demo").sessions
+    assert [(s.sequence_id.number, s.batches) for s in listed if s.sequence_id.number == 4242] == [(4242, 1)]
     admin, headers = _client_with(secured, "admin-token")
-    assert admin.infer("demo", [infer_input(images(2))], headers=headers) is not None
+    assert admin.infer("demo", [infer_input(images(2))], headers=headers).as_numpy("logits").shape == (2, 10)
 
 
 def test_probes_stay_open(secured: Handle) -> None:
