@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ttaserve.bench.accuracy import iter_rows
+from ttaserve.bench.charts import draw
 
 __all__ = ["check_goals", "table", "write"]
 
@@ -121,7 +122,8 @@ def _mixed_goal(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def write(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
-    """Write ``accuracy.json``, ``accuracy.md`` and ``accuracy.png`` under ``out``."""
+    """Write ``accuracy.json``, ``accuracy.md`` and ``accuracy.png`` (if matplotlib is
+    installed) under ``out``; returns the paths written."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     result = {**result, "goals": check_goals(result)}
@@ -130,7 +132,8 @@ def write(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
     goals = "\n".join(f"- [{_mark(g['met'])}] {g['goal']}: {g['detail']}" for g in result["goals"])
     paths["table"].write_text(f"Mean error (%) over corruptions, severity {result['config']['severity']}\n\n"
                               f"{table(result)}\n\nGoals\n\n{goals}\n")
-    plot(result, paths["chart"])
+    if draw(paths["chart"], lambda plt, path: plot(plt, result, path)) is None:
+        del paths["chart"]
     return paths
 
 
@@ -138,14 +141,9 @@ def _mark(met: bool | None) -> str:
     return {True: "x", False: " ", None: "?"}[met]
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def plot(plt: Any, result: dict[str, Any], path: Path) -> None:
     """Left: error per policy per stream (heat map). Right: error over time on the continual
     stream (one point per corruption block, rounds separated)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = list(iter_rows(result))
     cells = result["cells"]
     continual = next((c for c in cells if c["stream"] == "continual"), None)

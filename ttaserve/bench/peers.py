@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from ttaserve.bench.charts import draw
 from ttaserve.bench.peer_servers import (
     LAUNCHERS,
     PeerError,
@@ -279,16 +280,11 @@ def run_peers(out_dir: str | Path, quick: bool = False, concurrencies: Sequence[
         "ratios": _ratios(servers),
     }
     (out / "peers.json").write_text(json.dumps(result, indent=2))
-    _chart(result, out / "peers.png")
+    draw(out / "peers.png", lambda plt, path: _chart(plt, result, path))
     return result
 
 
-def _chart(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _chart(plt: Any, result: dict[str, Any], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, server in result["servers"].items():
         runs = [r for r in server.get("runs", []) if r["requests"]]
@@ -360,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_peers(args.out, args.quick, args.concurrency, args.duration, peers=args.peers,
                        threads=args.threads, peers_venv=args.peers_venv, rounds=args.rounds)
     print(format_table(result))
-    print(f"\nwritten: {Path(args.out) / 'peers.json'}, {Path(args.out) / 'peers.png'}")
+    written = [p for p in (Path(args.out) / "peers.json", Path(args.out) / "peers.png") if p.exists()]
+    print(f"\nwritten: {', '.join(map(str, written))}")
     return 0
 
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ttaserve.bench.charts import draw
+
 __all__ = ["GOALS", "check_goals", "table", "write"]
 
 # docs/BENCHMARKS.md "Performance": largest overhead (policy time / source time) at batch 64, in-process.
@@ -120,22 +122,19 @@ def check_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """perf.json, perf.md and perf.png under ``out_dir``; returns their paths."""
+    """perf.json, perf.md and perf.png (if matplotlib is installed) under ``out_dir``;
+    returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "perf.json", "table": out / "perf.md", "chart": out / "perf.png"}
     paths["json"].write_text(json.dumps(result, indent=2, default=str))
     paths["table"].write_text(table(result) + "\n")
-    _chart(result, paths["chart"])
+    if draw(paths["chart"], lambda plt, path: _chart(plt, result, path)) is None:
+        del paths["chart"]
     return paths
 
 
-def _chart(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _chart(plt: Any, result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     _overhead_chart(axes[0][0], result, "engine")
     _overhead_chart(axes[0][1], result, "raw")
