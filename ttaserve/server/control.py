@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from ttaserve.adapters import describe, param_schema, policy_names
-from ttaserve.errors import InvalidInput, NotFound
+from ttaserve.errors import InvalidInput
 from ttaserve.proto import control_pb2 as pb
 from ttaserve.proto import control_pb2_grpc as pb_grpc
 from ttaserve.server.errors import status_of
@@ -25,6 +25,13 @@ def sequence_of(ref: pb.SequenceId) -> SequenceId | None:
 
 def sequence_message(sequence_id: SequenceId) -> pb.SequenceId:
     return pb.SequenceId(text=sequence_id) if isinstance(sequence_id, str) else pb.SequenceId(number=sequence_id)
+
+
+def _required(ref: pb.SequenceId) -> SequenceId:
+    sequence_id = sequence_of(ref)
+    if sequence_id is None:
+        raise InvalidInput("sequence_id is required (a non-zero number or a non-empty string)")
+    return sequence_id
 
 
 def _params(raw: Any) -> dict[str, Any]:
@@ -61,13 +68,7 @@ class ControlService(pb_grpc.AdaptationServiceServicer):
 
     def _session(self, ref: pb.SessionRef) -> tuple[ServedModel, Session]:
         model = self.repository.get(ref.model)
-        sequence_id = sequence_of(ref.sequence_id)
-        if sequence_id is None:
-            raise InvalidInput("sequence_id is required (a non-zero number or a non-empty string)")
-        session = model.engine.sessions.get(sequence_id)
-        if session is None:
-            raise NotFound(f"model {ref.model!r} has no live session {sequence_id!r}")
-        return model, session
+        return model, model.live_session(_required(ref.sequence_id))
 
     async def ListPolicies(self, request: Any, context: Any) -> pb.ListPoliciesResponse:
         response = pb.ListPoliciesResponse()
@@ -131,10 +132,8 @@ class ControlService(pb_grpc.AdaptationServiceServicer):
         return await self._call(context, self._reset, request)
 
     def _reset(self, request: pb.SessionRef) -> pb.SessionInfo:
-        model, session = self._session(request)
-        model.engine.reset(session.sequence_id, reason="operator")
-        model.metrics.resets.labels(model.name, session.policy, "operator").inc()
-        return session_info(model, session)
+        model = self.repository.get(request.model)
+        return session_info(model, model.reset_session(_required(request.sequence_id)))
 
     async def SnapshotSession(self, request: pb.SessionRef, context: Any) -> pb.Snapshot:
         return await self._call(context, self._snapshot, request)

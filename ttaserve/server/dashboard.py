@@ -113,10 +113,7 @@ class Dashboard:
             raise InvalidInput("the path is /api/sessions/<model>/<sequence>/reset")
         model = self.repository.get(model_name)
         sequence_id: int | str = int(sequence) if sequence.lstrip("-").isdigit() else sequence
-        session = model.engine.reset(sequence_id, reason="operator")
-        if session is None:
-            raise NotFound(f"model {model_name!r} has no live session {sequence_id!r}")
-        model.metrics.resets.labels(model.name, session.policy, "operator").inc()
+        session = model.reset_session(sequence_id)
         rows = (r for r in session_rows(self.repository) if r["model"] == model.name and r["sequence_id"] == sequence_id)
         return next(rows, {"model": model.name, "sequence_id": sequence_id, "policy": session.policy})  # ended since
 

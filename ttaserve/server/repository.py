@@ -25,7 +25,7 @@ from ttaserve.server.convert import InferRequest
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.persistence import StateStore
 from ttaserve.server.scheduler import Batcher
-from ttaserve.sessions import Session, SessionLimits
+from ttaserve.sessions import SequenceId, Session, SessionLimits
 
 
 @dataclass
@@ -188,6 +188,23 @@ class ServedModel:
             self.metrics.resets.labels(self.name, report.policy, reason).inc()
         if "norm_divergence" in report.signals:
             self.metrics.batch_drift.labels(self.name, report.policy).observe(report.signals["norm_divergence"])
+
+    def live_session(self, sequence_id: SequenceId) -> Session:
+        """The live session of ``sequence_id``; NotFound (saying so) if there is none."""
+        session = self.engine.sessions.get(sequence_id)
+        if session is None:
+            raise NotFound(f"model {self.name!r} has no live session {sequence_id!r}")
+        return session
+
+    def reset_session(self, sequence_id: SequenceId) -> Session:
+        """An operator's reset (``ResetSession``, the dashboard's button): the session goes
+        back to its policy's initial state and the reset is counted under reason
+        ``operator``."""
+        session = self.engine.reset(sequence_id, reason="operator")
+        if session is None:
+            raise NotFound(f"model {self.name!r} has no live session {sequence_id!r}")
+        self.metrics.resets.labels(self.name, session.policy, "operator").inc()
+        return session
 
     def session_signals(self) -> Iterator[tuple[str, str, dict[str, float]]]:
         for session in self.engine.sessions.live():
