@@ -39,3 +39,23 @@ def test_prepare_artifacts_for_a_user_model(tmp_path: Path) -> None:
     for policy in ("adanpc", "ecotta"):
         out = Engine(loaded.model, policy).predict(x, session="s")
         assert out.shape == (4, 3) and torch.isfinite(out).all()
+
+
+def test_the_shipped_demo_memory_is_what_prepare_builds() -> None:
+    """``ttaserve prepare adanpc`` is the one builder of the shipped demo memory: a smaller
+    per-class subset picks a subset of the shipped entries (the per-class permutations do
+    not depend on the subset size), with the same labels and features up to float16
+    rounding of a different thread count."""
+    from safetensors.torch import load_file
+
+    from ttaserve.data import load_split
+    from ttaserve.models import demo, weights_path
+    from ttaserve.prepare import ADANPC_PER_CLASS, adanpc_memory, balanced_indices
+
+    x, y = load_split("train")
+    small = adanpc_memory(demo(), x, y, per_class=20)
+    shipped = load_file(weights_path("adanpc_memory"))
+    rows = torch.searchsorted(balanced_indices(y, ADANPC_PER_CLASS), balanced_indices(y, 20))
+    assert shipped["labels"].numel() == 10 * ADANPC_PER_CLASS and small["labels"].numel() == 200
+    assert torch.equal(shipped["labels"][rows], small["labels"])
+    torch.testing.assert_close(shipped["features"][rows].float(), small["features"].float(), atol=2e-3, rtol=0)
