@@ -43,18 +43,9 @@ class AlphaBNParams:
             raise ValueError(f"alpha must be in [0, 1] (weight of the source statistics), got {self.alpha}")
 
 
-def alpha_bn_norm(alpha: float) -> NormHook:
-    """The per-layer normalizer for one forward pass."""
-
-    def norm(layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
-        return _alpha_bn(z, None, layer.running_mean, layer.running_var, alpha, layer.weight, layer.bias, layer.eps)
-
-    return norm
-
-
-def segmented_alpha_bn_norm(alpha: float, offsets: list[int]) -> NormHook:
-    """As :func:`alpha_bn_norm` for a batch made of several requests: each request segment
-    is normalized with its own batch statistics."""
+def alpha_bn_norm(alpha: float, offsets: list[int] | None = None) -> NormHook:
+    """The per-layer normalizer for one forward pass. With ``offsets`` the batch is made of
+    several requests, and each request segment is normalized with its own batch statistics."""
 
     def norm(layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
         return _alpha_bn(z, offsets, layer.running_mean, layer.running_var, alpha, layer.weight, layer.bias, layer.eps)
@@ -86,7 +77,7 @@ class AlphaBN:
             return model(x)
 
     def forward_segments(self, model: PreparedModel, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
-        with torch.no_grad(), normalizer(segmented_alpha_bn_norm(self.params.alpha, offsets)):
+        with torch.no_grad(), normalizer(alpha_bn_norm(self.params.alpha, offsets)):
             return model(x)
 
     def signals(self, state: TensorState) -> dict[str, float]:
