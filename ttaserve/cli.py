@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -11,19 +10,15 @@ from typing import Any
 
 import grpc
 
+from ttaserve.cli_args import fill_defaults, logging_flags, param_arg
 
-def _param(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+# A missing optional module -> the extra that installs it (pip install 'ttaserve[EXTRA]').
+_EXTRAS = {"matplotlib": "bench", "tritonclient": "client", "onnx": "onnx", "onnxruntime": "onnx",
+           "triton": "gpu"}
 
 
 def _add_serve(sub: Any) -> None:
-    p = sub.add_parser("serve", help="run the gRPC inference server",
+    p = sub.add_parser("serve", help="run the gRPC inference server", parents=[logging_flags()],
                        description="Serve the demo model (and a model repository) over the "
                        "Triton-compatible gRPC API with per-sequence test-time adaptation.")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
@@ -31,8 +26,8 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="Prometheus /metrics port (default 8002; 0 = any free port; -1 = off)")
     p.add_argument("--policy", default=None, help="default adaptation policy (default source); "
-                   "see 'ttaserve policies'")
-    p.add_argument("--param", dest="params", action="append", type=_param, default=[],
+                   "see 'ttaserve policy list --local'")
+    p.add_argument("--param", dest="params", action="append", type=param_arg, default=[],
                    metavar="KEY=VALUE", help="parameter of the default policy, e.g. alpha=0.1")
     p.add_argument("--model-repository", default=None, metavar="DIR",
                    help="directory of <model>/config.json entries to serve besides the demo")
@@ -99,28 +94,9 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_policies(sub: Any) -> None:
-    p = sub.add_parser("policies", help="list the adaptation policies and their parameters")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(run=_policies)
-
-
-def _policies(args: argparse.Namespace) -> int:
-    from ttaserve.adapters import describe, param_schema, policy_names
-
-    names = policy_names()
-    if args.json:
-        rows = [{"name": n, "description": describe(n), "parameters": param_schema(n)} for n in names]
-        print(json.dumps(rows, indent=2, default=str))
-        return 0
-    for name in names:
-        params = ", ".join(f"{k}={v['default']}" for k, v in param_schema(name).items())
-        print(f"{name:<10} {describe(name)}\n{'':<10} parameters: {params or '-'}")
-    return 0
-
-
 def _add_train(sub: Any) -> None:
-    p = sub.add_parser("train-demo", help="retrain the embedded demo weights (deterministic)")
+    p = sub.add_parser("train-demo", help="retrain the embedded demo weights (deterministic)",
+                       parents=[logging_flags()])
     p.add_argument("--kind", choices=("expert", "generalist"), default="expert",
                    help="expert: the demo model, from scratch on clean data (train it first); "
                    "generalist: the expert fine-tuned with augmentations (for T3)")
@@ -157,10 +133,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ttaserve", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser = argparse.ArgumentParser(prog="ttaserve", description=__doc__, parents=[logging_flags()],
+                                     epilog="Shared flags (--log-level; --url, --token, --json where "
+                                     "they apply) go before or after the subcommand.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_serve, _add_policies, _add_train):
+    for add in (_add_serve, _add_train):
         add(sub)
     from ttaserve.bench.cli import add_bench_commands
     from ttaserve.cli_control import add_commands
@@ -173,12 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = fill_defaults(build_parser().parse_args(argv))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args))
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:  # an optional extra that is not installed
+        package = (exc.name or "").partition(".")[0]
+        if package not in _EXTRAS:
+            raise
+        logging.getLogger("ttaserve").error("this command needs %r, which is not installed: "
+                                            "pip install 'ttaserve[%s]'", package, _EXTRAS[package])
+        return 2
     except (ValueError, OSError) as exc:
         logging.getLogger("ttaserve").error("%s", exc)
         return 2

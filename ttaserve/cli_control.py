@@ -1,4 +1,7 @@
-"""``ttaserve policy ...`` and ``ttaserve sessions ...``: tables for people, --json for scripts."""
+"""``ttaserve policy ...`` and ``ttaserve sessions ...``: tables for people, --json for scripts.
+
+Every leaf command takes the shared flags (``--url``, ``--token``, ``--json``,
+``--log-level``) before or after its name (:mod:`ttaserve.cli_args`)."""
 
 from __future__ import annotations
 
@@ -9,32 +12,49 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from ttaserve.cli_args import output_flags, param_arg, server_flags
+
 
 def add_commands(sub: Any) -> None:
-    policy = sub.add_parser("policy", help="list, show or change adaptation policies of a running server")
-    _common(policy)
+    _add_policy(sub)
+    _add_sessions(sub)
+    _add_policies_alias(sub)
+
+
+def _add_policy(sub: Any) -> None:
+    shared = [server_flags()]
+    policy = sub.add_parser("policy", help="list, show or change the adaptation policies of a running server",
+                            parents=shared)
     psub = policy.add_subparsers(dest="action", required=True)
-    psub.add_parser("list", help="policies the server offers, with parameters")
-    get = psub.add_parser("get", help="a model's default policy, or one sequence's")
+    listing = psub.add_parser("list", parents=shared, help="policies the server offers, with parameters "
+                              "(--local: those of this installation, no server needed)")
+    listing.add_argument("--local", action="store_true",
+                         help="list this installation's policies without asking a server")
+    get = psub.add_parser("get", parents=shared, help="a model's default policy, or one sequence's")
     get.add_argument("model")
     get.add_argument("--sequence", help="sequence id (default: the model's default policy)")
-    put = psub.add_parser("set", help="set a model's default policy, or switch one sequence (resets it)")
+    put = psub.add_parser("set", parents=shared,
+                          help="set a model's default policy, or switch one sequence (resets it)")
     put.add_argument("model")
     put.add_argument("policy")
     put.add_argument("--sequence", help="sequence id (default: the model's default for new sessions)")
-    put.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE")
+    put.add_argument("--param", dest="params", action="append", type=param_arg, default=[],
+                     metavar="KEY=VALUE", help="policy parameter; VALUE is JSON or plain text")
     policy.set_defaults(run=_policy)
 
-    sessions = sub.add_parser("sessions", help="inspect, reset, snapshot or restore adaptation sessions")
-    _common(sessions)
+
+def _add_sessions(sub: Any) -> None:
+    shared = [server_flags()]
+    sessions = sub.add_parser("sessions", help="inspect, reset, snapshot or restore adaptation sessions",
+                              parents=shared)
     ssub = sessions.add_subparsers(dest="action", required=True)
-    listing = ssub.add_parser("list", help="live sessions with policy, counters and drift")
+    listing = ssub.add_parser("list", parents=shared, help="live sessions with policy, counters and drift")
     listing.add_argument("--model", default="")
     for name, text in (("show", "drift signals and counters of one session"),
                        ("reset", "restore a session's initial state"),
                        ("snapshot", "write a session's state to a file"),
                        ("restore", "load a session's state from a file")):
-        p = ssub.add_parser(name, help=text)
+        p = ssub.add_parser(name, parents=shared, help=text)
         p.add_argument("model")
         p.add_argument("sequence")
         if name in ("snapshot", "restore"):
@@ -42,10 +62,17 @@ def add_commands(sub: Any) -> None:
     sessions.set_defaults(run=_sessions)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=None, help="server address (env TTASERVE_URL, default 127.0.0.1:8001)")
-    parser.add_argument("--token", default=None, help="admin token (env TTASERVE_TOKEN)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+def _add_policies_alias(sub: Any) -> None:
+    # Kept for scripts written before 'policy list --local' existed; says where it went.
+    p = sub.add_parser("policies", parents=[output_flags()],
+                       help="same as 'ttaserve policy list --local'")
+    p.set_defaults(run=_policies_alias, action="list", local=True)
+
+
+def _policies_alias(args: argparse.Namespace) -> int:
+    print("note: 'ttaserve policies' is 'ttaserve policy list --local' ('ttaserve policy list' "
+          "asks a running server)", file=sys.stderr)
+    return _policy(args)
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -61,19 +88,6 @@ def _emit(args: argparse.Namespace, message: Any, table: str) -> None:
         print(table)
 
 
-def _params(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--param expects KEY=VALUE, got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def _policy_line(info: Any) -> str:
     params = ", ".join(f"{k}={v}" for k, v in sorted(info.params_json.items())) or "-"
     seq = info.sequence_id.WhichOneof("kind")
@@ -82,19 +96,27 @@ def _policy_line(info: Any) -> str:
 
 
 def _policy(args: argparse.Namespace) -> int:
+    if args.action == "list" and args.local:
+        from ttaserve.server.control import list_policies
+
+        _emit_policies(args, list_policies())
+        return 0
     client = _client(args)
     if args.action == "list":
-        response = client.list_policies()
-        rows = [(p.name, ", ".join(f"{q.name}={json.loads(q.default_json)}" for q in p.parameters) or "-",
-                 p.description) for p in response.policies]
-        _emit(args, response, _table(("POLICY", "PARAMETERS", "DESCRIPTION"), rows))
+        _emit_policies(args, client.list_policies())
     elif args.action == "get":
         info = client.get_policy(args.model, args.sequence)
         _emit(args, info, _policy_line(info))
     else:
-        info = client.set_policy(args.model, args.policy, _params(args.params), args.sequence)
+        info = client.set_policy(args.model, args.policy, dict(args.params), args.sequence)
         _emit(args, info, _policy_line(info))
     return 0
+
+
+def _emit_policies(args: argparse.Namespace, response: Any) -> None:
+    rows = [(p.name, ", ".join(f"{q.name}={json.loads(q.default_json)}" for q in p.parameters) or "-",
+             p.description) for p in response.policies]
+    _emit(args, response, _table(("POLICY", "PARAMETERS", "DESCRIPTION"), rows))
 
 
 def _sessions(args: argparse.Namespace) -> int:

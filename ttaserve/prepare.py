@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ttaserve.cli_args import logging_flags
+
 log = logging.getLogger(__name__)
 
 ADANPC_PER_CLASS = 1000  # the shipped demo memory's size per class (see above)
@@ -45,7 +47,7 @@ SUBSET_SEED = 0
 
 def add_command(sub: Any) -> None:
     p = sub.add_parser("prepare", help="build policy artifacts (AdaNPC memory, EcoTTA meta networks)",
-                       description=__doc__)
+                       description=__doc__, parents=[logging_flags()])
     p.add_argument("artifact", choices=("adanpc", "ecotta"))
     p.add_argument("--model-dir", default=None, help="model repository entry (default: the demo model)")
     p.add_argument("--source-npz", default=None, help="source data: .npz with x and y (default: Fashion-MNIST train)")

@@ -140,6 +140,18 @@ def test_cli_is_a_thin_client(served: Handle, capsys: pytest.CaptureFixture[str]
     assert "NOT_FOUND" in capsys.readouterr().err
 
 
+def test_shared_flags_after_the_subcommand(served: Handle, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["policy", "list", "--json", "--url", served.url]) == 0
+    remote = capsys.readouterr().out
+    assert cli(["policy", "list", "--local", "--json"]) == 0
+    assert capsys.readouterr().out == remote  # the same table with or without a server
+    try:
+        assert cli(["policy", "set", "demo", "alpha-bn", "--param", "alpha=0.3", "--url", served.url, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["params_json"] == {"alpha": "0.3"}
+    finally:
+        assert cli(["policy", "set", "demo", "source", "--url", served.url]) == 0
+
+
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Handle:
     path = tmp_path_factory.mktemp("auth") / "tokens"

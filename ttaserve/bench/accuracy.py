@@ -30,6 +30,7 @@ from ttaserve.bench.accuracy_grpc import predictor_factory
 from ttaserve.bench.accuracy_rows import EnginePredictor, Predictor, Row, engine_for
 from ttaserve.bench.corruptions import CORRUPTIONS, corrupt
 from ttaserve.bench.streams import Episode, StreamSpec, build, generator, parse_stream
+from ttaserve.cli_args import param
 from ttaserve.data import load_split
 
 __all__ = ["Config", "Row", "default_rows", "parse_row", "quick_config", "run"]
@@ -48,7 +49,7 @@ _EXTRAS = {
 
 
 def parse_row(text: str) -> Row:
-    """``POLICY``, ``POLICY(k=v,...)``, ``generalist`` (source on the generalist twin) or
+    """``POLICY``, ``POLICY(k=v,...)`` (values as for ``--param``), ``generalist`` (source on the generalist twin) or
     ``tent-noguard`` (tent with the collapse guard off)."""
     text = text.strip()
     if text in _EXTRAS:
@@ -57,18 +58,8 @@ def parse_row(text: str) -> Row:
     if not match or match.group(1) not in policy_names():
         raise ValueError(f"unknown policy row {text!r}; use one of {', '.join(policy_names())}, "
                          f"{', '.join(_EXTRAS)} or POLICY(key=value,...)")
-    params = tuple(_param(p) for p in (match.group(2) or "").split(",") if p.strip())
+    params = tuple(param(p) for p in (match.group(2) or "").split(",") if p.strip())
     return Row(text, match.group(1), params)
-
-
-def _param(text: str) -> tuple[str, Any]:
-    key, _, value = text.partition("=")
-    for cast in (int, float):
-        try:
-            return key.strip(), cast(value)
-        except ValueError:
-            pass
-    return key.strip(), {"true": True, "false": False}.get(value.strip().lower(), value.strip())
 
 
 def default_rows() -> tuple[Row, ...]:

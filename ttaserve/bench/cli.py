@@ -10,6 +10,8 @@ import sys
 from dataclasses import replace
 from typing import Any
 
+from ttaserve.cli_args import logging_flags
+
 __all__ = ["add_bench_commands"]
 
 
@@ -25,7 +27,7 @@ def _csv(kind: type) -> Any:
 
 def _add_accuracy(group: Any) -> None:
     p = group.add_parser(
-        "accuracy", help="error of every policy on Fashion-MNIST-C streams",
+        "accuracy", help="error of every policy on Fashion-MNIST-C streams", parents=[logging_flags()],
         description="Run every policy through the engine (or the server, --via-grpc) on "
         "corrupted Fashion-MNIST streams; write a table, a JSON file and a chart.")
     p.add_argument("--out", default="ttaserve-results", metavar="DIR",
@@ -33,10 +35,10 @@ def _add_accuracy(group: Any) -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 3 corruptions, 200 images, batch 16, iid/dirichlet(0.01)/continual")
     p.add_argument("--seed", type=int, default=None, help="images, corruptions and streams (default 0)")
-    p.add_argument("--n", type=int, default=None, help="images per corruption (default 1000)")
-    p.add_argument("--n-small", type=int, default=None, help="images per corruption at batch 1 (100)")
+    p.add_argument("--n", type=int, default=None, help="images per corruption (default 600)")
+    p.add_argument("--n-small", type=int, default=None, help="images per corruption at batch 1 (80)")
     p.add_argument("--n-continual", type=int, default=None,
-                   help="images per corruption per continual round (500)")
+                   help="images per corruption per continual round (400)")
     p.add_argument("--rounds", type=int, default=None, help="rounds of the continual stream (3)")
     p.add_argument("--severity", type=int, default=None, choices=range(1, 6), help="1-5 (default 5)")
     p.add_argument("--split", choices=("test", "train"), default=None,
@@ -122,7 +124,7 @@ def _report(result: dict[str, Any], out: str) -> None:
 
 def _add_perf(group: Any) -> None:
     p = group.add_parser(
-        "perf", help="overhead, serving throughput and memory of every policy",
+        "perf", help="overhead, serving throughput and memory of every policy", parents=[logging_flags()],
         description="Time every policy against the source forward in-process (batch 1/16/64), "
         "gRPC against in-process, 32 concurrent sequences with and without dynamic batching, "
         "state and peak step memory; optionally peer servers (--peers). Writes perf.json/.md/.png.")
@@ -185,7 +187,7 @@ _COMMANDS = (_add_accuracy, _add_perf)
 
 def add_bench_commands(sub: Any) -> None:
     """Add ``bench`` (with every benchmark subcommand) to the top-level subparsers."""
-    bench = sub.add_parser("bench", help="accuracy and performance benchmarks",
+    bench = sub.add_parser("bench", help="accuracy and performance benchmarks", parents=[logging_flags()],
                            description="The benchmarks of docs/BENCHMARKS.md: each prints a table and "
                            "writes JSON and a PNG chart.")
     group = bench.add_subparsers(dest="bench", required=True)

@@ -45,6 +45,18 @@ def _params_json(params: dict[str, Any] | tuple[tuple[str, Any], ...]) -> dict[s
     return {k: json.dumps(v) for k, v in dict(params).items()}
 
 
+def list_policies() -> pb.ListPoliciesResponse:
+    """Every registered policy with its parameter schema (also what ``ttaserve policy list
+    --local`` prints, without a server)."""
+    response = pb.ListPoliciesResponse()
+    for name in policy_names():
+        entry = response.policies.add(name=name, description=describe(name))
+        for param, info in param_schema(name).items():
+            entry.parameters.add(name=param, type=info["type"],
+                                 default_json=json.dumps(info["default"]), fixed=info["fixed"])
+    return response
+
+
 def session_info(model: ServedModel, session: Session) -> pb.SessionInfo:
     signals = model.engine.signals_of(session)
     return pb.SessionInfo(
@@ -71,13 +83,7 @@ class ControlService(pb_grpc.AdaptationServiceServicer):
         return model, model.live_session(_required(ref.sequence_id))
 
     async def ListPolicies(self, request: Any, context: Any) -> pb.ListPoliciesResponse:
-        response = pb.ListPoliciesResponse()
-        for name in policy_names():
-            entry = response.policies.add(name=name, description=describe(name))
-            for param, info in param_schema(name).items():
-                entry.parameters.add(name=param, type=info["type"],
-                                     default_json=json.dumps(info["default"]), fixed=info["fixed"])
-        return response
+        return list_policies()
 
     async def GetPolicy(self, request: pb.GetPolicyRequest, context: Any) -> pb.PolicyInfo:
         return await self._call(context, self._get_policy, request)
