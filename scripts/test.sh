@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TTASERVE_EXTRAS=dev TTASERVE_DATA_APT=1 bash scripts/setup.sh
 echo "==> ruff"
-.venv/bin/ruff check ttaserve tests
+.venv/bin/ruff check ttaserve tests examples
 echo "==> mypy"
-.venv/bin/mypy ttaserve
+.venv/bin/mypy ttaserve examples
 echo "==> pytest"
 exec .venv/bin/python -m pytest "$@"

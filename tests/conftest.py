@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -63,3 +68,24 @@ def demo_module() -> nn.Module:
 def images() -> torch.Tensor:
     """A seeded batch of 8 random 1x12x12 images."""
     return torch.rand(8, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+
+
+EXAMPLE_POLICY = Path(__file__).resolve().parents[1] / "examples" / "prior_shift.py"
+
+
+@pytest.fixture
+def example_policy() -> Iterator[str]:
+    """examples/prior_shift.py loaded (which registers it, as a module in ttaserve/adapters/
+    would be) for one test; yields its policy name and unregisters it afterwards."""
+    from ttaserve.adapters.registry import unregister
+
+    spec = importlib.util.spec_from_file_location("prior_shift_example", EXAMPLE_POLICY)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through it
+    try:
+        spec.loader.exec_module(module)
+        yield module.PriorShift.name
+        unregister(module.PriorShift.name)
+    finally:
+        del sys.modules[spec.name]

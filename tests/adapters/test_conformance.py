@@ -1,4 +1,5 @@
-"""Every registered policy, on the demo model: the contract of adapters/base.py."""
+"""Every registered policy, and the example policy of docs/POLICIES.md, on the demo model:
+the contract of adapters/base.py."""
 
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ def _equal(a: TensorState, b: TensorState) -> bool:
 
 @pytest.mark.parametrize("policy", policy_names())
 def test_policy_contract(model: PreparedModel, policy: str) -> None:
+    _check_contract(model, policy)
+
+
+def test_the_example_policy_meets_the_contract(model: PreparedModel, example_policy: str) -> None:
+    _check_contract(model, example_policy)
+
+
+def _check_contract(model: PreparedModel, policy: str) -> None:
     adapter = create_adapter(policy, model)
     weights = {k: v.clone() for k, v in model.module.state_dict().items()}
     state = adapter.init_state(model)

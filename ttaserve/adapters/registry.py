@@ -35,6 +35,13 @@ def register_alias(alias: str, target: str, **params: Any) -> None:
     _ALIASES[alias] = (target, params)
 
 
+def unregister(name: str) -> None:
+    """Remove a policy or alias added at run time (a test that loads a policy file); the
+    built-in policies stay registered for the life of the process otherwise."""
+    if _REGISTRY.pop(name, None) is None and _ALIASES.pop(name, None) is None:
+        raise PolicyError(f"policy {name!r} is not registered")
+
+
 def policy_names() -> list[str]:
     return sorted([*_REGISTRY, *_ALIASES])
 
