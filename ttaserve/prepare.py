@@ -32,12 +32,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ttaserve.cli_args import logging_flags
+
+if TYPE_CHECKING:  # torch and numpy load when the command runs, not with every ttaserve command
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ def add_command(sub: Any) -> None:
 
 
 def _source(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+    import torch
+
     if args.source_npz:
         with np.load(args.source_npz) as data:
             return torch.from_numpy(data["x"].astype(np.float32)), torch.from_numpy(data["y"].astype(np.int64))
@@ -118,6 +121,8 @@ def adanpc_memory(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def balanced_indices(labels: torch.Tensor, per_class: int, seed: int = SUBSET_SEED) -> torch.Tensor:
     """Sorted indices of up to ``per_class`` samples of every class, chosen with ``seed``."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     picked = []
     for c in torch.unique(labels).tolist():
