@@ -1,4 +1,4 @@
-"""Behaviour of the ``adanpc`` policy (METHODS.md, "adanpc")."""
+"""Behaviour of the ``adanpc`` policy (docs/POLICIES.md, "adanpc")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""alpha-bn / tbn / source: the properties METHODS.md lists."""
+"""alpha-bn / tbn / source: the properties docs/POLICIES.md lists."""
 
 from __future__ import annotations
 

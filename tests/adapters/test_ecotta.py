@@ -1,4 +1,4 @@
-"""ecotta: meta networks around a frozen model (METHODS.md, "ecotta")."""
+"""ecotta: meta networks around a frozen model (docs/POLICIES.md, "ecotta")."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_artifact_must_exist_and_match_partitions(model: PreparedModel) -> None:
         create_adapter("ecotta", bare).init_state(bare)
 
 
-# -- METHODS.md properties ---------------------------------------------------------------
+# -- properties (docs/POLICIES.md, "ecotta") ------------------------------------------------
 @pytest.mark.parametrize("partitions", [1, 2, 3])
 def test_zero_conv_blocks_and_identity_meta_bn_equal_original(partitions: int) -> None:
     prepared = prepare(staged_module())

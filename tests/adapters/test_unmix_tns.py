@@ -1,4 +1,4 @@
-"""unmix-tns: the properties METHODS.md lists, the adapter contract, and a real-data check."""
+"""unmix-tns: the properties docs/POLICIES.md lists, the adapter contract, and a real-data check."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[key], b[key]), key
 
 
-# -- properties from METHODS.md ---------------------------------------------------------
+# -- properties (docs/POLICIES.md, "unmix-tns") -----------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -147,7 +147,7 @@ def test_one_hot_assignment_moves_only_that_component(k: int) -> None:
 
 
 def test_layer_matches_the_spec_equations() -> None:
-    """Output and update of one layer, against the steps of METHODS.md written out plainly
+    """Output and update of one layer, against the steps of the module docstring written out plainly
     (uncentred total variance, B x K x C update)."""
     model = bn_only()
     adapter = create_adapter("unmix-tns", model, K=5, tau=0.5)

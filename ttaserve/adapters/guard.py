@@ -33,7 +33,7 @@ label-sorted noisy stream) passes 0.01 on its way to 0.001 with one class taking
 the window; ``ema_decay = 0.9`` (about ten batches of memory, so one odd batch does not
 trigger a reset); ``window = 256`` samples (four batches of 64; longer than one class block
 of a label-sorted 10-class stream of a few hundred samples per class); ``top_fraction =
-0.9`` (METHODS.md's example).
+0.9`` (one class holding nine tenths of the window).
 """
 
 from __future__ import annotations
