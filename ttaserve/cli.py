@@ -39,15 +39,16 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--session-idle", dest="session_idle_s", type=float, default=None,
                    metavar="SECONDS", help="drop sessions idle this long (default 600)")
     p.add_argument("--max-sessions", type=int, default=None,
-                   help="live sessions per model before the least recently used is evicted")
+                   help="live sessions per model before the least recently used is evicted (default 10000)")
     p.add_argument("--strict-sequences", action="store_true", default=None,
                    help="like Triton: an unknown sequence id needs sequence_start")
     p.add_argument("--batch-delay-us", type=int, default=None, metavar="US",
                    help="dynamic batching: wait up to US microseconds to put requests of "
                    "several sessions into one forward pass (default 0 = off)")
-    p.add_argument("--grace", dest="grace_s", type=float, default=None,
+    p.add_argument("--grace", dest="grace_s", type=float, default=None, metavar="SECONDS",
                    help="seconds to let in-flight requests finish on SIGTERM (default 10)")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads of the forward passes (default 0 = torch's own choice)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=None,
                    help="in-flight RPCs (a stream counts once) before RESOURCE_EXHAUSTED (default 1000; 0 = no cap)")
     p.add_argument("--max-queue", type=int, default=None,
