@@ -38,7 +38,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ttaserve.engine import Engine
 from ttaserve.server.metrics import ServerMetrics
@@ -111,6 +111,19 @@ def _stamp(session: Session) -> tuple[Any, ...]:
             sum(session.resets.values()))
 
 
+class SessionPersistence(Protocol):
+    """What a served model asks of its persistence: this module's :class:`StateStore`
+    (one server, ``--state-dir``) or ttaserve.deploy.shared (replicas sharing a store)."""
+
+    def before_request(self, sequence_id: SequenceId, start: bool) -> None: ...
+
+    def after_request(self, sequence_id: SequenceId | None) -> None: ...
+
+    def dropped(self, session: Session, reason: str) -> None: ...
+
+    def flush(self, reason: str = "periodic") -> int: ...
+
+
 class StateStore:
     """The state files of one model's sessions."""
 
@@ -162,6 +175,13 @@ class StateStore:
             log.error("cannot move %s aside: %s", path, err)
 
     # -- while serving ----------------------------------------------------------------
+    def before_request(self, sequence_id: SequenceId, start: bool) -> None:
+        if not start:
+            self.revive(sequence_id)
+
+    def after_request(self, sequence_id: SequenceId | None) -> None:
+        """Nothing: one server writes every --state-interval, on eviction and at shutdown."""
+
     def revive(self, sequence_id: SequenceId) -> bool:
         """Bring an evicted session back from its file before its next request."""
         if sequence_id not in self._on_disk or self.engine.sessions.get(sequence_id) is not None:

@@ -23,7 +23,7 @@ from ttaserve.handlers.spec import ModelSpec
 from ttaserve.outliers import OutlierConfig
 from ttaserve.server.convert import InferRequest
 from ttaserve.server.metrics import ServerMetrics
-from ttaserve.server.persistence import StateStore
+from ttaserve.server.persistence import SessionPersistence
 from ttaserve.server.scheduler import Batcher
 from ttaserve.sessions import SequenceId, Session, SessionLimits
 
@@ -62,7 +62,7 @@ class ServedModel:
         self.metrics = metrics
         self.max_queue = max_queue  # 0: unbounded
         self.pending = 0  # requests waiting for or running on the worker (event-loop owned)
-        self.state_store: StateStore | None = None  # set when the server has --state-dir
+        self.state_store: SessionPersistence | None = None  # --state-dir, or a replica's shared store
         self.engine = Engine(
             loaded.model,
             loaded.policy or default_policy,
@@ -110,8 +110,8 @@ class ServedModel:
             raise DeadlineExceeded("the request's deadline passed while it waited for the model "
                                    "(client deadline, 'timeout' parameter or --request-timeout); "
                                    "it was not run")
-        if self.state_store is not None and request.sequence_id is not None and not request.start:
-            self.state_store.revive(request.sequence_id)
+        if self.state_store is not None and request.sequence_id is not None:
+            self.state_store.before_request(request.sequence_id, request.start)
 
     def _infer_many_sync(
         self, items: Sequence[tuple[InferRequest, int]]
@@ -131,6 +131,9 @@ class ServedModel:
         requests = [Request(_tensor(r), r.sequence_id, r.adapt, r.policy, r.start, r.end) for r, _ in items]
         with torch.inference_mode(False):
             results = predict_many(self.engine, requests)
+        if self.state_store is not None:
+            for r in requests:
+                self.state_store.after_request(r.session)
         done = time.perf_counter_ns()
         (out_name,) = (t.name for t in self.spec.outputs)
         out: list[tuple[dict[str, np.ndarray], str] | Exception] = []
@@ -155,6 +158,8 @@ class ServedModel:
                 x, request.sequence_id, adapt=request.adapt, policy=request.policy,
                 start=request.start, end=request.end,
             )
+        if self.state_store is not None:
+            self.state_store.after_request(request.sequence_id)
         done = time.perf_counter_ns()
         self._observe(x.shape[0], started - enqueued, done - started, policy)
         (out_name,) = (t.name for t in self.spec.outputs)
