@@ -177,7 +177,7 @@ class RedisStore:
             raise ValueError("the Redis state store needs the redis package: "
                              "pip install 'ttaserve[redis]'") from exc
         self.prefix = prefix
-        self.client = client if client is not None else redis.Redis.from_url(url, socket_timeout=10)
+        self.client: Any = client if client is not None else redis.Redis.from_url(url, socket_timeout=10)
         self._write = self.client.register_script(_WRITE)
         self._delete = self.client.register_script(_DELETE)
 

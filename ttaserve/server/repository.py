@@ -132,8 +132,8 @@ class ServedModel:
         with torch.inference_mode(False):
             results = predict_many(self.engine, requests)
         if self.state_store is not None:
-            for r in requests:
-                self.state_store.after_request(r.session)
+            for each in requests:
+                self.state_store.after_request(each.session)
         done = time.perf_counter_ns()
         (out_name,) = (t.name for t in self.spec.outputs)
         out: list[tuple[dict[str, np.ndarray], str] | Exception] = []
