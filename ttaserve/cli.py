@@ -21,6 +21,29 @@ def _add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the gRPC inference server", parents=[logging_flags()],
                        description="Serve the demo model (and a model repository) over the "
                        "Triton-compatible gRPC API with per-sequence test-time adaptation.")
+    add_server_options(p)
+    p.set_defaults(run=_serve)
+
+
+SETTINGS_FIELDS = (
+    "host", "grpc_port", "metrics_port", "policy", "model_repository", "demo", "max_message_bytes",
+    "max_batch_size", "session_idle_s", "max_sessions", "strict_sequences", "grace_s", "torch_threads",
+    "batch_delay_us", "auth_token_file", "tls_cert", "tls_key", "tls_client_ca", "max_concurrent_rpcs",
+    "max_queue", "request_timeout_s", "outlier_divergence", "state_dir", "state_interval_s",
+)
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """ServerSettings from ``serve``'s options (defaults, then TTASERVE_* variables, then flags)."""
+    from ttaserve.server.settings import ServerSettings
+
+    return ServerSettings.from_env(
+        **{f: getattr(args, f, None) for f in SETTINGS_FIELDS}, policy_params=dict(args.params) or None
+    )
+
+
+def add_server_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``ttaserve serve`` (``ttaserve ray-serve`` passes them to its replicas)."""
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 8001)")
     p.add_argument("--metrics-port", type=int, default=None,
@@ -70,7 +93,6 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--tls-client-ca", default=None, metavar="PEM",
                    help="require client certificates signed by this CA (mutual TLS)")
-    p.set_defaults(run=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -79,16 +101,8 @@ def _serve(args: argparse.Namespace) -> int:
     import torch
 
     from ttaserve.server.app import serve
-    from ttaserve.server.settings import ServerSettings
 
-    fields = ("host", "grpc_port", "metrics_port", "policy", "model_repository", "demo",
-              "max_message_bytes", "max_batch_size", "session_idle_s", "max_sessions",
-              "strict_sequences", "grace_s", "torch_threads", "batch_delay_us", "auth_token_file", "tls_cert",
-              "tls_key", "tls_client_ca", "max_concurrent_rpcs", "max_queue", "request_timeout_s",
-              "outlier_divergence", "state_dir", "state_interval_s")
-    settings = ServerSettings.from_env(
-        **{f: getattr(args, f) for f in fields}, policy_params=dict(args.params) or None
-    )
+    settings = settings_from_args(args)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     asyncio.run(serve(settings))
@@ -142,10 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     from ttaserve.bench.cli import add_bench_commands
     from ttaserve.cli_control import add_commands
+    from ttaserve.deploy.cli import add_command as add_ray_serve
     from ttaserve.prepare import add_command as add_prepare
 
     add_commands(sub)
     add_prepare(sub)
+    add_ray_serve(sub)
     add_bench_commands(sub)
     return parser
 

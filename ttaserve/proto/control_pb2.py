@@ -29,7 +29,7 @@ DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n\rcontrol.proto\x12\x0bttaserve.v1
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'control_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ttaserve.proto.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SETPOLICYREQUEST_PARAMSJSONENTRY']._loaded_options = None

@@ -31,6 +31,10 @@ def generate(out_dir: Path) -> list[Path]:
                 "from google.protobuf.internal import builder as _builder",
                 "from google.protobuf.internal import builder as _builder\nfrom ttaserve.proto import _pool",
             )
+            # Messages name their real module, so that pickle (Ray Serve ships requests
+            # between processes that way) can import them again.
+            text = re.sub(r"BuildTopDescriptorsAndMessages\(DESCRIPTOR, '(\w+_pb2)'",
+                          r"BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ttaserve.proto.\1'", text)
         path.write_text(text)
     return written
 

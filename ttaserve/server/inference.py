@@ -117,6 +117,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(*error)
         return response
 
+    async def infer_unary(
+        self, request: pb.ModelInferRequest
+    ) -> tuple[pb.ModelInferResponse | None, tuple[grpc.StatusCode, str] | None]:
+        """One request answered without a gRPC call around it (a Ray Serve replica's entry
+        point): the response, or the status code and message to send instead."""
+        return await self._infer(request, None)
+
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:

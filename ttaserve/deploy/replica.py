@@ -1,0 +1,166 @@
+"""One ttaserve replica as a Ray Serve deployment behind Ray's gRPC proxy.
+
+Ray's proxy calls the deployment method named like the gRPC method (``ModelInfer``,
+``ModelMetadata``, ...) with the decoded request and a ``grpc_context`` to set the status
+on. Each replica runs a complete ttaserve server in its own process (its engines, workers,
+metrics and dashboard; its own gRPC port on loopback for direct access), and keeps its
+sessions in the shared store (ttaserve/deploy/shared.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import grpc
+
+from ttaserve.deploy.metrics import REGISTRY
+from ttaserve.deploy.shared import SharedSessions
+from ttaserve.deploy.stores import SnapshotStore, open_store
+from ttaserve.proto import grpc_service_pb2 as pb
+from ttaserve.server.app import Server, start
+from ttaserve.server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+REPLICA_PARAM = "ttaserve_replica"  # response parameter: which replica answered
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _AbortContext:
+    """The part of a grpc.aio context the metadata handlers use (abort), turned into an
+    exception the replica maps onto Ray's gRPC context."""
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        raise _Aborted(code, details)
+
+    def time_remaining(self) -> float | None:
+        return None
+
+
+class TtaserveReplica:
+    """The deployment class (wrapped by ``serve.deployment`` in ttaserve.deploy.cli)."""
+
+    async def __init__(  # type: ignore[misc]  # Ray Serve awaits an async constructor
+        self, settings: dict[str, Any], store_url: str, interval_s: float, replica_id: str | None = None,
+    ) -> None:
+        self.replica_id = replica_id or _ray_replica_id()
+        self.settings = ServerSettings(**settings)
+        self.server: Server = await start(self.settings)
+        self.store: SnapshotStore = open_store(store_url)
+        for model in self.server.repository:
+            shared = SharedSessions(self.store, model.name, model.engine, self.server.metrics, interval_s)
+            model.state_store = shared
+        self._flusher = (asyncio.get_running_loop().create_task(self._flush_forever(interval_s))
+                         if interval_s > 0 else None)
+        self._announce()
+        log.info("replica %s ready (gRPC 127.0.0.1:%d)", self.replica_id, self.server.grpc_port)
+
+    def _announce(self) -> None:
+        """Tell the driver where this replica's metrics are (it labels them by replica)."""
+        http = self.server.metrics_http
+        host = self.settings.host
+        if host in ("0.0.0.0", "::", ""):  # bound everywhere: announce an address others can use
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        metrics_url = http.url.replace(f"//{self.settings.host}:", f"//{host}:") if http else None
+        info = {"replica": self.replica_id, "grpc": f"{host}:{self.server.grpc_port}",
+                "metrics": metrics_url, "pid": os.getpid(), "since": time.time()}
+        self.store.write(f"{REGISTRY}/{self.replica_id}", json.dumps(info).encode())
+
+    async def _flush_forever(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            for model in self.server.repository:
+                try:
+                    if model.state_store is not None:
+                        await asyncio.to_thread(model.state_store.flush, "periodic")
+                except Exception:  # logged; the next round retries
+                    log.exception("periodic snapshot of %s failed", model.name)
+
+    # -- inference ----------------------------------------------------------------------
+    async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context: Any = None) -> Any:
+        response, error = await self.server.inference.infer_unary(request)
+        if error is not None:
+            return _fail(grpc_context, *error, pb.ModelInferResponse())
+        assert response is not None
+        response.parameters[REPLICA_PARAM].string_param = self.replica_id
+        return response
+
+    async def ModelStreamInfer(self, requests: Any, grpc_context: Any = None) -> Any:
+        _fail(grpc_context, grpc.StatusCode.UNIMPLEMENTED,
+              "ModelStreamInfer does not keep session affinity through the Ray Serve proxy (a "
+              "stream is routed once, before its first message names a sequence); send unary "
+              "ModelInfer to the proxy, or open streams to a replica's own gRPC port", None)
+        if False:  # an async generator: Ray streams whatever it yields (nothing here)
+            yield pb.ModelStreamInferResponse()
+
+    # -- health and metadata (answered by this replica's server) -------------------------
+    async def ServerLive(self, request: Any, grpc_context: Any = None) -> Any:
+        return await self._call("ServerLive", request, grpc_context, pb.ServerLiveResponse)
+
+    async def ServerReady(self, request: Any, grpc_context: Any = None) -> Any:
+        return await self._call("ServerReady", request, grpc_context, pb.ServerReadyResponse)
+
+    async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:
+        return await self._call("ModelReady", request, grpc_context, pb.ModelReadyResponse)
+
+    async def ServerMetadata(self, request: Any, grpc_context: Any = None) -> Any:
+        return await self._call("ServerMetadata", request, grpc_context, pb.ServerMetadataResponse)
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:
+        return await self._call("ModelMetadata", request, grpc_context, pb.ModelMetadataResponse)
+
+    async def ModelConfig(self, request: Any, grpc_context: Any = None) -> Any:
+        return await self._call("ModelConfig", request, grpc_context, pb.ModelConfigResponse)
+
+    async def ModelStatistics(self, request: Any, grpc_context: Any = None) -> Any:
+        """This replica's counters only (each replica counts what it served)."""
+        return await self._call("ModelStatistics", request, grpc_context, pb.ModelStatisticsResponse)
+
+    async def RepositoryIndex(self, request: Any, grpc_context: Any = None) -> Any:
+        return await self._call("RepositoryIndex", request, grpc_context, pb.RepositoryIndexResponse)
+
+    async def _call(self, method: str, request: Any, grpc_context: Any, empty: Any) -> Any:
+        try:
+            return await getattr(self.server.inference, method)(request, _AbortContext())
+        except _Aborted as exc:
+            return _fail(grpc_context, exc.code, exc.details, empty())
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def check_health(self) -> None:
+        """Ray Serve's health check: the replica's own server must still be serving."""
+        if self.server.inference.draining:
+            raise RuntimeError("replica is draining")
+
+    async def __del__(self) -> None:
+        """Ray Serve calls this on graceful shutdown: drain, write every session, deregister."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self.server.stop()  # writes every changed session ("shutdown")
+        self.store.delete(f"{REGISTRY}/{self.replica_id}")
+        self.store.close()
+
+
+def _fail(grpc_context: Any, code: grpc.StatusCode, details: str, empty: Any) -> Any:
+    if grpc_context is None:  # called through a deployment handle, not the proxy
+        raise RuntimeError(f"{code.name}: {details}")
+    grpc_context.set_code(code)
+    grpc_context.set_details(details)
+    return empty
+
+
+def _ray_replica_id() -> str:
+    from ray import serve
+
+    return str(serve.get_replica_context().replica_id.unique_id)
