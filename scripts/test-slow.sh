@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The slow suites (pytest -m slow). First installs from Debian what they drive: headless
-# Chromium (dashboard test) and Prometheus (scrape + PromQL test). Extra args go to pytest,
-# e.g. `scripts/test-slow.sh tests/e2e` for the monitoring tests only.
+# Chromium (dashboard test), Prometheus (scrape + PromQL test) and redis-server (Ray Serve
+# failover test), and the ray extra (Ray Serve). Extra args go to pytest, e.g.
+# `scripts/test-slow.sh tests/e2e` for the monitoring tests only, `tests/deploy` for Ray Serve.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -13,4 +14,6 @@ apt_install() {  # apt-get install, once per run, quietly
 command -v chromium >/dev/null || apt_install chromium chromium-driver
 # Without the recommended node exporter; the tests start their own Prometheus on a free port.
 command -v prometheus >/dev/null || apt_install --no-install-recommends prometheus
+command -v redis-server >/dev/null || apt_install redis-server
+export TTASERVE_EXTRAS=dev,ray
 exec bash scripts/test.sh -m slow "$@"

@@ -1,7 +1,7 @@
 """``ttaserve ray-serve``: N ttaserve replicas behind Ray Serve's gRPC proxy.
 
 Also usable from a Serve config file (``serve run`` / ``serve deploy``) through
-:func:`app_builder` and a ``grpc_options`` section naming :data:`SERVICER_FUNCTION`.
+:func:`app_builder` and a ``grpc_options`` section naming :data:`SERVICER_FUNCTIONS`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "ttaserve"
 DEPLOYMENT_NAME = "ttaserve"
-SERVICER_FUNCTION = "ttaserve.proto.grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+SERVICER_FUNCTIONS = (
+    "ttaserve.proto.grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",  # Check (not Watch)
+)
 ROUTER_CLASS = "ttaserve.deploy.router:SessionAffinityRouter"
 
 
@@ -87,11 +90,8 @@ def run(args: argparse.Namespace) -> int:
         from ray import serve
     except ImportError as exc:
         raise ValueError("ray-serve needs Ray Serve: pip install 'ttaserve[ray]'") from exc
-    from prometheus_client import CollectorRegistry
-
-    from ttaserve.deploy.metrics import ReplicaMetrics
+    from ttaserve.deploy.metrics import serve_metrics
     from ttaserve.deploy.stores import open_store
-    from ttaserve.server.metrics_http import MetricsHTTPServer
 
     settings = replica_settings(args)
     interval = 0.0 if args.state_interval_s is None else float(args.state_interval_s)
@@ -100,16 +100,12 @@ def run(args: argparse.Namespace) -> int:
     ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
     serve.start(
         http_options={"host": "127.0.0.1", "port": 0 if args.ray_address is None else 8000},
-        grpc_options={"port": args.grpc_port or 8001, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+        grpc_options={"port": args.grpc_port or 8001, "grpc_servicer_functions": list(SERVICER_FUNCTIONS)},
     )
     deployment = build_deployment(args.replicas, args.replica_cpus, args.max_ongoing_requests)
     serve.run(deployment.bind(settings, args.state_store, interval), name=APP_NAME, route_prefix="/")
-    registry = CollectorRegistry()
-    registry.register(ReplicaMetrics(store))
-    http = None
-    if (args.metrics_port if args.metrics_port is not None else 8002) >= 0:
-        http = MetricsHTTPServer(registry, args.host or "127.0.0.1",
-                                 8002 if args.metrics_port is None else args.metrics_port, _targets_page(store))
+    metrics_port = 8002 if args.metrics_port is None else args.metrics_port
+    http = serve_metrics(store, args.host or "127.0.0.1", metrics_port) if metrics_port >= 0 else None
     print(f"ttaserve ray-serve ready: {args.replicas} replicas, gRPC proxy :{args.grpc_port or 8001}"
           + (f", metrics {http.url}" if http else "") + f", state store {args.state_store}", flush=True)
     _wait_for_signal()
@@ -119,21 +115,6 @@ def run(args: argparse.Namespace) -> int:
         http.stop()
     store.close()
     return 0
-
-
-def _targets_page(store: Any) -> Any:
-    import json
-
-    from ttaserve.deploy.metrics import targets
-
-    def page(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        if environ.get("PATH_INFO") != "/targets":
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"every replica's metrics: /metrics; Prometheus HTTP service discovery: /targets\n"]
-        start_response("200 OK", [("Content-Type", "application/json")])
-        return [json.dumps(targets(store)).encode()]
-
-    return page
 
 
 def _wait_for_signal() -> None:

@@ -92,3 +92,50 @@ def targets(store: SnapshotStore) -> list[dict[str, Any]]:
             host = url[len("http://"):].split("/", 1)[0]
             groups.append({"targets": [host], "labels": {"replica": str(info.get("replica"))}})
     return groups
+
+
+def serve_metrics(store: SnapshotStore, host: str, port: int) -> Any:
+    """``/metrics`` (every replica, labelled) and ``/targets`` on host:port, in a thread."""
+    from prometheus_client import CollectorRegistry
+
+    from ttaserve.server.metrics_http import MetricsHTTPServer
+
+    registry = CollectorRegistry()
+    registry.register(ReplicaMetrics(store))
+
+    def page(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ.get("PATH_INFO") != "/targets":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"every replica's metrics: /metrics; Prometheus HTTP service discovery: /targets\n"]
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps(targets(store)).encode()]
+
+    return MetricsHTTPServer(registry, host, port, page)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ttaserve.deploy.metrics --state-store URL``: the aggregated endpoint on its
+    own, e.g. beside a Ray cluster started from a Serve config (Kubernetes RayService)."""
+    import argparse
+    import signal
+    import threading
+
+    from ttaserve.deploy.stores import open_store
+
+    parser = argparse.ArgumentParser(prog="python -m ttaserve.deploy.metrics", description=main.__doc__)
+    parser.add_argument("--state-store", required=True, metavar="URL")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8002)
+    args = parser.parse_args(argv)
+    http = serve_metrics(open_store(args.state_store), args.host, args.port)
+    print(f"replica metrics on {http.url}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    http.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -106,6 +106,16 @@ class TtaserveReplica:
             yield pb.ModelStreamInferResponse()
 
     # -- health and metadata (answered by this replica's server) -------------------------
+    async def Check(self, request: Any, grpc_context: Any = None) -> Any:
+        """grpc.health.v1 Check through the proxy (Kubernetes gRPC probes, load balancers):
+        SERVING while this replica serves; Ray routes it to any replica."""
+        from grpc_health.v1 import health_pb2
+
+        serving = not self.server.inference.draining
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def ServerLive(self, request: Any, grpc_context: Any = None) -> Any:
         return await self._call("ServerLive", request, grpc_context, pb.ServerLiveResponse)
 
