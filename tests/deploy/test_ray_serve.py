@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,6 +34,7 @@ from ttaserve.bench.data import load_split
 from ttaserve.bench.peer_servers import free_port
 from ttaserve.deploy.metrics import REGISTRY
 from ttaserve.deploy.stores import open_store
+from ttaserve.healthcheck import check
 from ttaserve.server.persistence import decode_file, file_name
 from ttaserve.snapshot import decode
 
@@ -161,6 +164,8 @@ def test_affinity_equality_and_lossless_failover(tmp_path: Path, images: np.ndar
         assert len(used) == 2, "both replicas serve sequences"
         for seq in SEQUENCES:
             assert_same(before.logits[seq], single[1].logits[seq][:4], f"sequence {seq}")
+        assert check(d.url)  # grpc.health.v1 through the proxy
+        assert_streams_keep_affinity(d.url, images)
         text = _scrape(d.metrics)
         assert all(f'replica="{r}"' in text for r in used) and "ttaserve_requests_total" in text
 
@@ -210,6 +215,26 @@ def test_periodic_snapshots_lose_at_most_the_interval(tmp_path: Path, images: np
         stop(d)
         redis_proc.terminate()
         redis_proc.wait(10)
+
+
+def assert_streams_keep_affinity(url: str, images: np.ndarray) -> None:
+    """A bidirectional stream through the proxy: each message reaches its sequence's owner."""
+    client = grpcclient.InferenceServerClient(url)
+    ids = range(101, 109)
+    owners = {}
+    for seq in ids:
+        result = client.infer("demo", [infer_input(batch_of(images, seq, 0))], sequence_id=seq)
+        owners[seq] = result.get_response().parameters["ttaserve_replica"].string_param
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(lambda result, error: answers.put((result, error)))
+    for seq in ids:
+        client.async_stream_infer("demo", [infer_input(batch_of(images, seq, 1))], sequence_id=seq)
+    streamed = [answers.get(timeout=60) for _ in ids]
+    client.stop_stream()
+    client.close()
+    assert all(error is None for _, error in streamed), streamed
+    got = [r.get_response().parameters["ttaserve_replica"].string_param for r, _ in streamed]
+    assert got == [owners[seq] for seq in ids]
 
 
 def snapshot_batches(store_url: str) -> dict[int, int]:

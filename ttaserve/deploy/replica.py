@@ -14,15 +14,18 @@ import json
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 import grpc
 
+from ttaserve.deploy.affinity import request_session_key
 from ttaserve.deploy.metrics import REGISTRY
 from ttaserve.deploy.shared import SharedSessions
 from ttaserve.deploy.stores import SnapshotStore, open_store
 from ttaserve.proto import grpc_service_pb2 as pb
 from ttaserve.server.app import Server, start
+from ttaserve.server.persistence import STREAM_PREFIX
 from ttaserve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class TtaserveReplica:
         self, settings: dict[str, Any], store_url: str, interval_s: float, replica_id: str | None = None,
     ) -> None:
         self.replica_id = replica_id or _ray_replica_id()
+        self._handle: Any = None  # to this deployment itself, for stream messages (lazy)
         self.settings = ServerSettings(**settings)
         self.server: Server = await start(self.settings)
         self.store: SnapshotStore = open_store(store_url)
@@ -98,12 +102,52 @@ class TtaserveReplica:
         return response
 
     async def ModelStreamInfer(self, requests: Any, grpc_context: Any = None) -> Any:
-        _fail(grpc_context, grpc.StatusCode.UNIMPLEMENTED,
-              "ModelStreamInfer does not keep session affinity through the Ray Serve proxy (a "
-              "stream is routed once, before its first message names a sequence); send unary "
-              "ModelInfer to the proxy, or open streams to a replica's own gRPC port", None)
-        if False:  # an async generator: Ray streams whatever it yields (nothing here)
-            yield pb.ModelStreamInferResponse()
+        """A bidirectional stream through the proxy. Ray routes a stream once, before its
+        first message, so it lands on any replica; that replica sends each message with a
+        sequence id on through a deployment handle, whose session-affinity router picks the
+        sequence's owner (one extra hop per message). Messages without a sequence id share
+        a session scoped to the stream, kept here, as on a single server."""
+        stream_session = f"{STREAM_PREFIX}{uuid.uuid4().hex}"
+        used: set[Any] = set()
+        try:
+            async for request in requests:
+                if request_session_key(request) is None:
+                    response, error = await self.server.inference.infer_unary(request, stream_session, used)
+                else:
+                    response, error = await self._routed(request)
+                if error is not None:  # the stream stays open (Triton's default)
+                    yield pb.ModelStreamInferResponse(error_message=f"[{error[0].name}] {error[1]}")
+                else:
+                    assert response is not None
+                    response.parameters[REPLICA_PARAM].string_param = response.parameters[
+                        REPLICA_PARAM].string_param or self.replica_id
+                    yield pb.ModelStreamInferResponse(infer_response=response)
+        finally:
+            for model in used:
+                model.engine.sessions.end(stream_session)
+
+    async def _routed(self, request: pb.ModelInferRequest) -> tuple[Any, tuple[grpc.StatusCode, str] | None]:
+        if self._handle is None:
+            from ray import serve
+
+            context = serve.get_replica_context()
+            self._handle = serve.get_deployment_handle(context.deployment, context.app_name)
+        try:
+            data, error = await self._handle.infer_routed.remote(request)
+        except Exception as exc:  # the owner died under this message: the client may retry it
+            return None, (grpc.StatusCode.UNAVAILABLE, f"the replica of this sequence failed: {exc}")
+        if error is not None:
+            return None, (grpc.StatusCode[error[0]], error[1])
+        return pb.ModelInferResponse.FromString(data), None
+
+    async def infer_routed(self, request: pb.ModelInferRequest) -> tuple[bytes | None, tuple[str, str] | None]:
+        """A stream's message, on the replica that owns its sequence (plain, picklable types)."""
+        response, error = await self.server.inference.infer_unary(request)
+        if error is not None:
+            return None, (error[0].name, error[1])
+        assert response is not None
+        response.parameters[REPLICA_PARAM].string_param = self.replica_id
+        return response.SerializeToString(), None
 
     # -- health and metadata (answered by this replica's server) -------------------------
     async def Check(self, request: Any, grpc_context: Any = None) -> Any:

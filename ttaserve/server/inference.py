@@ -118,11 +118,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def infer_unary(
-        self, request: pb.ModelInferRequest
+        self, request: pb.ModelInferRequest, stream_session: str | None = None,
+        used: set[ServedModel] | None = None,
     ) -> tuple[pb.ModelInferResponse | None, tuple[grpc.StatusCode, str] | None]:
         """One request answered without a gRPC call around it (a Ray Serve replica's entry
-        point): the response, or the status code and message to send instead."""
-        return await self._infer(request, None)
+        point): the response, or the status code and message to send instead. With
+        ``stream_session``, a request without a sequence id uses that session, and its
+        model is added to ``used`` (end the session there when the stream closes)."""
+        return await self._infer(request, stream_session, used)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext

@@ -1,0 +1,168 @@
+"""Scale-out measurements (docs/BENCHMARKS.md "Scaling out"), in one run so the ratios
+share the machine's conditions:
+
+- **throughput**: closed-loop clients (one sequence each, ``--batch`` images per request,
+  policy ``--policy``) for ``--seconds`` against one ``ttaserve serve`` process, and against
+  ``ttaserve ray-serve`` with 1 and with 2 replicas;
+- **proxy overhead**: one client, sequential requests of one image with the ``source``
+  policy (no adaptation, so the difference is transport), median latency direct vs
+  through Ray's proxy (1 replica), and the cost of write-through snapshots with ``tent``.
+
+``python -m ttaserve.bench.scaling --out ttaserve-results`` (needs the ray extra and about
+6 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ttaserve.bench.peer_servers import free_port
+
+
+@contextmanager
+def serve(args: list[str]) -> Iterator[str]:
+    """`ttaserve serve` on free ports; yields its gRPC address."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ttaserve", "serve", "--grpc-port", str(port),
+                             "--metrics-port", "-1", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        while "ttaserve ready" not in (proc.stdout.readline() if proc.stdout else ""):
+            if proc.poll() is not None:
+                raise RuntimeError("ttaserve serve did not start")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+@contextmanager
+def ray_serve(replicas: int, args: list[str], interval: float) -> Iterator[str]:
+    """`ttaserve ray-serve` with a directory store; yields the proxy's address."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ttaserve", "ray-serve", "--replicas", str(replicas),
+                 "--state-store", str(Path(tmp) / "states"), "--state-interval", str(interval),
+                 "--grpc-port", str(port), "--metrics-port", "-1", *args],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        try:
+            while "ttaserve ray-serve ready" not in log.read_text(errors="replace"):
+                if proc.poll() is not None:
+                    raise RuntimeError("ray-serve did not start:\n" + log.read_text()[-2000:])
+                time.sleep(1)
+            yield f"127.0.0.1:{port}"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+
+
+def _input(x: np.ndarray) -> Any:
+    import tritonclient.grpc as grpcclient
+
+    tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor
+
+
+def throughput(url: str, clients: int, batch: int, seconds: float, warmup_s: float = 3.0) -> float:
+    """Requests per second of ``clients`` closed-loop clients, one sequence each."""
+    import tritonclient.grpc as grpcclient
+
+    counts = [0] * clients
+    measuring, stop = threading.Event(), threading.Event()
+
+    def loop(i: int) -> None:
+        client = grpcclient.InferenceServerClient(url)
+        x = np.random.default_rng(i).random((batch, 1, 28, 28), dtype=np.float32)
+        while not stop.is_set():
+            client.infer("demo", [_input(x)], sequence_id=i + 1)
+            if measuring.is_set():
+                counts[i] += 1
+        client.close()
+
+    threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(warmup_s)
+    measuring.set()
+    started = time.perf_counter()
+    time.sleep(seconds)
+    total, elapsed = sum(counts), time.perf_counter() - started
+    stop.set()
+    for t in threads:
+        t.join(30)
+    return total / elapsed
+
+
+def latency_ms(url: str, n: int, sequence: int | None = 1, batch: int = 1) -> float:
+    """Median latency of ``n`` sequential requests (after 20 warm-up requests)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    x = np.random.default_rng(0).random((batch, 1, 28, 28), dtype=np.float32)
+    times = []
+    for i in range(n + 20):
+        t = time.perf_counter()
+        client.infer("demo", [_input(x)], sequence_id=sequence or 0)
+        if i >= 20:
+            times.append((time.perf_counter() - t) * 1e3)
+    client.close()
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ttaserve.bench.scaling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="ttaserve-results")
+    parser.add_argument("--policy", default="tent")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--requests", type=int, default=300, help="sequential requests for latency")
+    args = parser.parse_args(argv)
+    common = ["--torch-threads", "1"]
+    result: dict[str, Any] = {"load_before": os.getloadavg(), "args": vars(args),
+                              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    tp = ["--policy", args.policy, *common]
+    with serve(["--policy", "source", *common]) as url:
+        result["direct_source_ms"] = latency_ms(url, args.requests)
+    with serve(["--policy", args.policy, "--torch-threads", "2"]) as url:
+        result["direct_rps"] = throughput(url, args.clients, args.batch, args.seconds)
+    with ray_serve(1, ["--policy", "source", *common], interval=0.0) as url:
+        result["proxy_source_ms"] = latency_ms(url, args.requests)
+        result["proxy_source_unsequenced_ms"] = latency_ms(url, args.requests, sequence=None)
+    with ray_serve(1, tp, interval=0.0) as url:
+        result["ray1_rps"] = throughput(url, args.clients, args.batch, args.seconds)
+        result["proxy_tent_write_through_ms"] = latency_ms(url, args.requests // 2, batch=args.batch)
+    with ray_serve(1, tp, interval=30.0) as url:
+        result["proxy_tent_periodic_ms"] = latency_ms(url, args.requests // 2, batch=args.batch)
+    with ray_serve(2, tp, interval=0.0) as url:
+        result["ray2_rps"] = throughput(url, args.clients, args.batch, args.seconds)
+    result["load_after"] = os.getloadavg()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
