@@ -24,7 +24,9 @@ from ttaserve.deploy.metrics import REGISTRY
 from ttaserve.deploy.shared import SharedSessions
 from ttaserve.deploy.stores import SnapshotStore, open_store
 from ttaserve.proto import grpc_service_pb2 as pb
-from ttaserve.server.app import Server, start
+from ttaserve.server.app import INFERENCE_SERVICE, Server, start
+from ttaserve.server.auth import Tokens
+from ttaserve.server.auth import check as auth_check
 from ttaserve.server.persistence import STREAM_PREFIX
 from ttaserve.server.settings import ServerSettings
 
@@ -60,6 +62,8 @@ class TtaserveReplica:
         self._handle: Any = None  # to this deployment itself, for stream messages (lazy)
         self.settings = ServerSettings(**settings)
         self.server: Server = await start(self.settings)
+        # Proxied calls never pass the replica's own gRPC interceptors: check tokens here.
+        self.tokens = Tokens.load(self.settings.auth_token_file)
         self.store: SnapshotStore = open_store(store_url)
         for model in self.server.repository:
             shared = SharedSessions(self.store, model.name, model.engine, self.server.metrics, interval_s)
@@ -93,7 +97,16 @@ class TtaserveReplica:
                     log.exception("periodic snapshot of %s failed", model.name)
 
     # -- inference ----------------------------------------------------------------------
+    def _refusal(self, method: str, grpc_context: Any) -> tuple[grpc.StatusCode, str] | None:
+        if not self.tokens.enabled:
+            return None
+        metadata = grpc_context.invocation_metadata() if grpc_context is not None else ()
+        return auth_check(self.tokens, f"/{INFERENCE_SERVICE}/{method}", metadata)
+
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context: Any = None) -> Any:
+        refusal = self._refusal("ModelInfer", grpc_context)
+        if refusal is not None:
+            return _fail(grpc_context, *refusal, pb.ModelInferResponse())
         response, error = await self.server.inference.infer_unary(request)
         if error is not None:
             return _fail(grpc_context, *error, pb.ModelInferResponse())
@@ -107,6 +120,10 @@ class TtaserveReplica:
         sequence id on through a deployment handle, whose session-affinity router picks the
         sequence's owner (one extra hop per message). Messages without a sequence id share
         a session scoped to the stream, kept here, as on a single server."""
+        refusal = self._refusal("ModelStreamInfer", grpc_context)
+        if refusal is not None:
+            _fail(grpc_context, *refusal, None)
+            return
         stream_session = f"{STREAM_PREFIX}{uuid.uuid4().hex}"
         used: set[Any] = set()
         try:
@@ -186,6 +203,9 @@ class TtaserveReplica:
         return await self._call("RepositoryIndex", request, grpc_context, pb.RepositoryIndexResponse)
 
     async def _call(self, method: str, request: Any, grpc_context: Any, empty: Any) -> Any:
+        refusal = self._refusal(method, grpc_context)
+        if refusal is not None:
+            return _fail(grpc_context, *refusal, empty())
         try:
             return await getattr(self.server.inference, method)(request, _AbortContext())
         except _Aborted as exc:
