@@ -10,7 +10,8 @@ from typing import Any
 
 import grpc
 
-from ttaserve.cli_args import fill_defaults, logging_flags, param_arg
+from ttaserve.cli_args import fill_defaults, logging_flags
+from ttaserve.cli_options import add_server_options, settings_from_args
 
 # A missing optional module -> the extra that installs it (pip install 'ttaserve[EXTRA]').
 _EXTRAS = {"matplotlib": "bench", "tritonclient": "client", "onnx": "onnx", "onnxruntime": "onnx",
@@ -23,76 +24,6 @@ def _add_serve(sub: Any) -> None:
                        "Triton-compatible gRPC API with per-sequence test-time adaptation.")
     add_server_options(p)
     p.set_defaults(run=_serve)
-
-
-SETTINGS_FIELDS = (
-    "host", "grpc_port", "metrics_port", "policy", "model_repository", "demo", "max_message_bytes",
-    "max_batch_size", "session_idle_s", "max_sessions", "strict_sequences", "grace_s", "torch_threads",
-    "batch_delay_us", "auth_token_file", "tls_cert", "tls_key", "tls_client_ca", "max_concurrent_rpcs",
-    "max_queue", "request_timeout_s", "outlier_divergence", "state_dir", "state_interval_s",
-)
-
-
-def settings_from_args(args: argparse.Namespace) -> Any:
-    """ServerSettings from ``serve``'s options (defaults, then TTASERVE_* variables, then flags)."""
-    from ttaserve.server.settings import ServerSettings
-
-    return ServerSettings.from_env(
-        **{f: getattr(args, f, None) for f in SETTINGS_FIELDS}, policy_params=dict(args.params) or None
-    )
-
-
-def add_server_options(p: argparse.ArgumentParser) -> None:
-    """The options of ``ttaserve serve`` (``ttaserve ray-serve`` passes them to its replicas)."""
-    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 8001)")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="Prometheus /metrics port (default 8002; 0 = any free port; -1 = off)")
-    p.add_argument("--policy", default=None, help="default adaptation policy (default source); "
-                   "see 'ttaserve policy list --local'")
-    p.add_argument("--param", dest="params", action="append", type=param_arg, default=[],
-                   metavar="KEY=VALUE", help="parameter of the default policy, e.g. alpha=0.1")
-    p.add_argument("--model-repository", default=None, metavar="DIR",
-                   help="directory of <model>/config.json entries to serve besides the demo")
-    p.add_argument("--no-demo", dest="demo", action="store_false", default=None,
-                   help="do not serve the embedded demo model")
-    p.add_argument("--max-message-bytes", type=int, default=None,
-                   help="largest gRPC message accepted (default 64 MiB)")
-    p.add_argument("--max-batch-size", type=int, default=None, help="largest batch (default 256)")
-    p.add_argument("--session-idle", dest="session_idle_s", type=float, default=None,
-                   metavar="SECONDS", help="drop sessions idle this long (default 600)")
-    p.add_argument("--max-sessions", type=int, default=None,
-                   help="live sessions per model before the least recently used is evicted (default 10000)")
-    p.add_argument("--strict-sequences", action="store_true", default=None,
-                   help="like Triton: an unknown sequence id needs sequence_start")
-    p.add_argument("--batch-delay-us", type=int, default=None, metavar="US",
-                   help="dynamic batching: wait up to US microseconds to put requests of "
-                   "several sessions into one forward pass (default 0 = off)")
-    p.add_argument("--grace", dest="grace_s", type=float, default=None, metavar="SECONDS",
-                   help="seconds to let in-flight requests finish on SIGTERM (default 10)")
-    p.add_argument("--torch-threads", type=int, default=None, metavar="N",
-                   help="torch intra-op threads of the forward passes (default 0 = torch's own choice)")
-    p.add_argument("--max-concurrent-rpcs", type=int, default=None,
-                   help="in-flight RPCs (a stream counts once) before RESOURCE_EXHAUSTED (default 1000; 0 = no cap)")
-    p.add_argument("--max-queue", type=int, default=None,
-                   help="requests waiting per model before RESOURCE_EXHAUSTED (default 256; 0 = no cap)")
-    p.add_argument("--request-timeout", dest="request_timeout_s", type=float, default=None,
-                   metavar="SECONDS", help="a request not started within this is answered "
-                   "DEADLINE_EXCEEDED without running (default 30; 0 = only client deadlines)")
-    p.add_argument("--outlier-divergence", type=float, default=None,
-                   help="batches whose first-BN-layer divergence from source exceeds this do not "
-                   "update their session (default 15; 0 = off)")
-    p.add_argument("--state-dir", default=None, metavar="DIR",
-                   help="persist sessions here and restore them at start")
-    p.add_argument("--state-interval", dest="state_interval_s", type=float, default=None,
-                   metavar="SECONDS", help="write changed sessions this often (default 30)")
-    p.add_argument("--auth-token-file", default=None, metavar="FILE",
-                   help="lines '<inference|admin> <token>'; also TTASERVE_INFERENCE_TOKENS / "
-                   "TTASERVE_ADMIN_TOKENS (comma-separated). With any token, auth is on")
-    p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve TLS with this certificate")
-    p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
-    p.add_argument("--tls-client-ca", default=None, metavar="PEM",
-                   help="require client certificates signed by this CA (mutual TLS)")
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -30,8 +30,8 @@ import tritonclient.grpc as grpcclient
 
 from tests.deploy.conftest import start_redis
 from tests.server.conftest import infer_input, start_process
-from ttaserve.bench.data import load_split
 from ttaserve.bench.peer_servers import free_port
+from ttaserve.data import load_split
 from ttaserve.deploy.metrics import REGISTRY
 from ttaserve.deploy.stores import open_store
 from ttaserve.healthcheck import check

@@ -134,3 +134,21 @@ def test_string_and_int_ids_are_different_records(store: SnapshotStore) -> None:
     a.infer(5, xs[0])
     a.infer("5", xs[1])
     assert len(store.keys("tiny/")) == 2
+
+
+def test_a_stateless_session_is_written_when_it_starts_not_per_request(store: SnapshotStore) -> None:
+    engine = Engine(make_tiny(), policy="tent", on_drop=lambda s, r: shared.dropped(s, r))
+    shared = SharedSessions(store, "tiny", engine)
+    x = batches(1)[0]
+    shared.before_request(1, False)
+    engine.predict(x, 1, policy="alpha-bn")
+    shared.after_request(1)
+    token = store.token(shared.key(1))
+    for _ in range(3):
+        shared.before_request(1, False)
+        engine.predict(x, 1)
+        shared.after_request(1)
+    assert store.token(shared.key(1)) == token  # nothing new to write
+    other = Replica(store)
+    other.shared.before_request(1, False)
+    assert other.engine.sessions.get(1).policy == "alpha-bn"  # type: ignore[union-attr]

@@ -128,6 +128,61 @@ def latency_ms(url: str, n: int, sequence: int | None = 1, batch: int = 1) -> fl
     return statistics.median(times)
 
 
+def write_cost_ms(store_url: str, policy: str, batch: int, n: int = 60, sequence: int = 1) -> dict[str, float]:
+    """In-process: median time of one write-through (snapshot, envelope, store write) after a
+    ``policy`` request of ``batch`` demo images, and the record's size."""
+    import torch
+
+    from ttaserve.deploy.shared import SharedSessions
+    from ttaserve.deploy.stores import open_store
+    from ttaserve.engine import Engine
+    from ttaserve.models import demo
+
+    store = open_store(store_url)
+    engine = Engine(demo(), policy=policy)
+    shared = SharedSessions(store, "demo", engine)
+    x = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    times, snapshots = [], []
+    for _ in range(n):
+        engine.predict(x, sequence)
+        t = time.perf_counter()
+        shared.after_request(sequence)
+        times.append((time.perf_counter() - t) * 1e3)
+        session = engine.sessions.get(sequence)
+        assert session is not None, "the write was refused"
+        t = time.perf_counter()
+        engine.snapshot_of(session)
+        snapshots.append((time.perf_counter() - t) * 1e3)
+    record = store.read(shared.key(sequence))
+    store.close()
+    return {"write_ms": statistics.median(times), "snapshot_only_ms": statistics.median(snapshots),
+            "bytes": float(len(record.data)) if record else 0.0}
+
+
+def store_costs(batch: int) -> dict[str, dict[str, float]]:
+    """Write-through cost per request for both stores (Redis only if redis-server is here)."""
+    import shutil
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, policy in enumerate(("tent", "unmix-tns"), 1):
+            out[f"directory/{policy}"] = write_cost_ms(str(Path(tmp) / "states"), policy, batch, sequence=i)
+        server = shutil.which("redis-server")
+        if server:
+            port = free_port()
+            redis = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
+            try:
+                time.sleep(1.0)
+                for i, policy in enumerate(("tent", "unmix-tns"), 1):
+                    out[f"redis/{policy}"] = write_cost_ms(f"redis://127.0.0.1:{port}/0", policy, batch,
+                                                           sequence=i)
+            finally:
+                redis.terminate()
+                redis.wait(10)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ttaserve.bench.scaling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,7 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--requests", type=int, default=300, help="sequential requests for latency")
+    parser.add_argument("--stores-only", action="store_true",
+                        help="only the in-process write-through cost of each store (no Ray)")
     args = parser.parse_args(argv)
+    if args.stores_only:
+        import torch
+
+        torch.set_num_threads(1)
+        costs = {"load_before": os.getloadavg(), "batch": args.batch, "stores": store_costs(args.batch),
+                 "load_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "stores.json").write_text(json.dumps(costs, indent=2))
+        print(json.dumps(costs, indent=2))
+        return 0
     common = ["--torch-threads", "1"]
     result: dict[str, Any] = {"load_before": os.getloadavg(), "args": vars(args),
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -25,7 +25,7 @@ ROUTER_CLASS = "ttaserve.deploy.router:SessionAffinityRouter"
 
 
 def add_command(sub: Any) -> None:
-    from ttaserve.cli import add_server_options
+    from ttaserve.cli_options import add_server_options
 
     p = sub.add_parser(
         "ray-serve", help="run N replicas behind Ray Serve's gRPC proxy (pip install ttaserve[ray])",
@@ -52,7 +52,7 @@ def add_command(sub: Any) -> None:
 
 def replica_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ServerSettings each replica runs with: its own ports on --replica-host."""
-    from ttaserve.cli import settings_from_args
+    from ttaserve.cli_options import settings_from_args
 
     if args.state_dir:
         raise ValueError("ray-serve keeps sessions in --state-store (shared by all replicas), not --state-dir")

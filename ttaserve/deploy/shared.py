@@ -42,8 +42,12 @@ log = logging.getLogger(__name__)
 
 
 def _stamp(session: Session) -> tuple[Any, ...]:
-    """Changes whenever the session's persisted content can have changed."""
-    return (id(session), session.created, session.policy, session.batches, sum(session.resets.values()))
+    """Changes whenever the session's adaptation can have changed. A session without state
+    (source, alpha-bn, tbn) only needs its policy carried over, so its batch counter does
+    not count: writing it after every request would cost a store write for nothing but
+    counters and drift signals."""
+    batches = session.batches if len(session.state) else None
+    return (id(session), session.created, session.policy, batches, sum(session.resets.values()))
 
 
 class SharedSessions:
@@ -133,7 +137,7 @@ class SharedSessions:
 
     def flush(self, reason: str = "periodic") -> int:
         written = 0
-        for session in self.engine.sessions.snapshot():
+        for session in self.engine.sessions.live():
             if not _scoped(session.sequence_id) and self._stamps.get(session.sequence_id) != _stamp(session):
                 with self._lock:
                     if self.engine.sessions.get(session.sequence_id) is session:
