@@ -5,8 +5,10 @@ share the machine's conditions:
   policy ``--policy``) for ``--seconds`` against one ``ttaserve serve`` process, and against
   ``ttaserve ray-serve`` with 1 and with 2 replicas;
 - **proxy overhead**: one client, sequential requests of one image with the ``source``
-  policy (no adaptation, so the difference is transport), median latency direct vs
-  through Ray's proxy (1 replica), and the cost of write-through snapshots with ``tent``.
+  policy (no adaptation, so the difference is transport), a direct server and a 1-replica
+  deployment up at once and measured in alternating blocks; and the latency of ``tent``
+  requests with write-through vs periodic snapshots;
+- ``--stores-only``: the in-process cost of one write-through per store (no Ray).
 
 ``python -m ttaserve.bench.scaling --out ttaserve-results`` (needs the ray extra and about
 6 minutes on 2 cores).
@@ -112,17 +114,17 @@ def throughput(url: str, clients: int, batch: int, seconds: float, warmup_s: flo
     return total / elapsed
 
 
-def latency_ms(url: str, n: int, sequence: int | None = 1, batch: int = 1) -> float:
-    """Median latency of ``n`` sequential requests (after 20 warm-up requests)."""
+def latency_ms(url: str, n: int, sequence: int | None = 1, batch: int = 1, warmup: int = 20) -> float:
+    """Median latency of ``n`` sequential requests (after ``warmup`` requests)."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
     x = np.random.default_rng(0).random((batch, 1, 28, 28), dtype=np.float32)
     times = []
-    for i in range(n + 20):
+    for i in range(n + warmup):
         t = time.perf_counter()
         client.infer("demo", [_input(x)], sequence_id=sequence or 0)
-        if i >= 20:
+        if i >= warmup:
             times.append((time.perf_counter() - t) * 1e3)
     client.close()
     return statistics.median(times)
@@ -183,6 +185,22 @@ def store_costs(batch: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def interleaved_latency(urls: dict[str, str], rounds: int, per_round: int, batch: int = 1,
+                        sequence: int | None = 1) -> dict[str, float]:
+    """Median latency per target, measured in alternating blocks (so that a change of the
+    machine's load hits every target alike), and the median per-round ratio to the first."""
+    blocks: dict[str, list[float]] = {name: [] for name in urls}
+    for r in range(rounds):
+        order = list(urls) if r % 2 == 0 else list(reversed(urls))
+        for name in order:
+            blocks[name].append(latency_ms(urls[name], per_round, sequence, batch, warmup=3))
+    first = next(iter(urls))
+    out = {f"{name}_ms": statistics.median(values) for name, values in blocks.items()}
+    for name in list(urls)[1:]:
+        out[f"{name}_over_{first}"] = statistics.median(b / a for a, b in zip(blocks[first], blocks[name]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ttaserve.bench.scaling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,13 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"load_before": os.getloadavg(), "args": vars(args),
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     tp = ["--policy", args.policy, *common]
-    with serve(["--policy", "source", *common]) as url:
-        result["direct_source_ms"] = latency_ms(url, args.requests)
+    with serve(["--policy", "source", *common]) as direct, \
+            ray_serve(1, ["--policy", "source", *common], interval=0.0) as proxied:
+        rounds = max(1, args.requests // 15)
+        result["latency_sequenced"] = interleaved_latency({"direct": direct, "proxy": proxied}, rounds, 15)
+        result["latency_unsequenced"] = interleaved_latency({"direct": direct, "proxy": proxied}, rounds, 15,
+                                                            sequence=None)
     with serve(["--policy", args.policy, "--torch-threads", "2"]) as url:
         result["direct_rps"] = throughput(url, args.clients, args.batch, args.seconds)
-    with ray_serve(1, ["--policy", "source", *common], interval=0.0) as url:
-        result["proxy_source_ms"] = latency_ms(url, args.requests)
-        result["proxy_source_unsequenced_ms"] = latency_ms(url, args.requests, sequence=None)
     with ray_serve(1, tp, interval=0.0) as url:
         result["ray1_rps"] = throughput(url, args.clients, args.batch, args.seconds)
         result["proxy_tent_write_through_ms"] = latency_ms(url, args.requests // 2, batch=args.batch)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -25,18 +26,28 @@ log = logging.getLogger(__name__)
 
 REGISTRY = "_replicas"  # store "model" under which replicas announce themselves
 SCRAPE_TIMEOUT_S = 2.0
+ANNOUNCE_EVERY_S = 10.0  # replicas refresh their announcement this often
+ANNOUNCEMENT_TTL_S = 60.0  # older announcements are a dead replica's: removed
 
 
-def announced(store: SnapshotStore) -> list[dict[str, Any]]:
-    """The replicas' announcements (``replica``, ``grpc``, ``metrics``, ``pid``, ``since``)."""
+def announced(store: SnapshotStore, now: float | None = None) -> list[dict[str, Any]]:
+    """The live replicas' announcements (``replica``, ``grpc``, ``metrics``, ``pid``,
+    ``seen``); stale or unreadable ones are deleted (if unchanged since read)."""
+    now = time.time() if now is None else now
     found = []
     for key in store.keys(f"{REGISTRY}/"):
         record = store.read(key)
-        if record is not None:
-            try:
-                found.append(json.loads(record.data))
-            except ValueError:
-                log.warning("unreadable replica announcement %s", key)
+        if record is None:
+            continue
+        try:
+            info = json.loads(record.data)
+            fresh = now - float(info["seen"]) < ANNOUNCEMENT_TTL_S
+        except (ValueError, KeyError, TypeError):
+            fresh = False
+        if fresh:
+            found.append(info)
+        else:
+            store.delete(key, expect=record.token)
     return found
 
 

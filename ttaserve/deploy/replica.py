@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from ttaserve.deploy.affinity import request_session_key
-from ttaserve.deploy.metrics import REGISTRY
+from ttaserve.deploy.metrics import ANNOUNCE_EVERY_S, REGISTRY
 from ttaserve.deploy.shared import SharedSessions
 from ttaserve.deploy.stores import SnapshotStore, open_store
 from ttaserve.proto import grpc_service_pb2 as pb
@@ -68,9 +68,10 @@ class TtaserveReplica:
         for model in self.server.repository:
             shared = SharedSessions(self.store, model.name, model.engine, self.server.metrics, interval_s)
             model.state_store = shared
-        self._flusher = (asyncio.get_running_loop().create_task(self._flush_forever(interval_s))
-                         if interval_s > 0 else None)
+        loop = asyncio.get_running_loop()
+        self._flusher = loop.create_task(self._flush_forever(interval_s)) if interval_s > 0 else None
         self._announce()
+        self._heartbeat = loop.create_task(self._announce_forever())
         log.info("replica %s ready (gRPC 127.0.0.1:%d)", self.replica_id, self.server.grpc_port)
 
     def _announce(self) -> None:
@@ -83,8 +84,18 @@ class TtaserveReplica:
             host = ray.util.get_node_ip_address()
         metrics_url = http.url.replace(f"//{self.settings.host}:", f"//{host}:") if http else None
         info = {"replica": self.replica_id, "grpc": f"{host}:{self.server.grpc_port}",
-                "metrics": metrics_url, "pid": os.getpid(), "since": time.time()}
+                "metrics": metrics_url, "pid": os.getpid(), "seen": time.time()}
         self.store.write(f"{REGISTRY}/{self.replica_id}", json.dumps(info).encode())
+
+    async def _announce_forever(self) -> None:
+        """Refresh the announcement: one not refreshed for ANNOUNCEMENT_TTL_S is a dead
+        replica's (a SIGKILLed replica cannot remove its own) and is dropped by readers."""
+        while True:
+            await asyncio.sleep(ANNOUNCE_EVERY_S)
+            try:
+                await asyncio.to_thread(self._announce)
+            except Exception as exc:  # the store is down: metrics discovery waits for it
+                log.warning("cannot refresh the replica announcement: %s", exc)
 
     async def _flush_forever(self, interval_s: float) -> None:
         while True:
@@ -219,6 +230,7 @@ class TtaserveReplica:
 
     async def __del__(self) -> None:
         """Ray Serve calls this on graceful shutdown: drain, write every session, deregister."""
+        self._heartbeat.cancel()
         if self._flusher is not None:
             self._flusher.cancel()
         await self.server.stop()  # writes every changed session ("shutdown")
