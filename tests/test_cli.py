@@ -42,7 +42,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def test_the_command_tree_is_what_the_docs_describe() -> None:
     assert {" ".join(p) for p in LEAVES} == {
-        "serve", "train-demo", "prepare", "policies", "bench accuracy", "bench perf",
+        "serve", "ray-serve", "train-demo", "prepare", "policies", "bench accuracy", "bench perf",
         "policy list", "policy get", "policy set",
         "sessions list", "sessions show", "sessions reset", "sessions snapshot", "sessions restore"}
 

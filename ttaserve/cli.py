@@ -15,7 +15,7 @@ from ttaserve.cli_options import add_server_options, settings_from_args
 
 # A missing optional module -> the extra that installs it (pip install 'ttaserve[EXTRA]').
 _EXTRAS = {"matplotlib": "bench", "tritonclient": "client", "onnx": "onnx", "onnxruntime": "onnx",
-           "triton": "gpu"}
+           "triton": "gpu", "ray": "ray", "redis": "redis"}
 
 
 def _add_serve(sub: Any) -> None:

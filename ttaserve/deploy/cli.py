@@ -25,10 +25,12 @@ ROUTER_CLASS = "ttaserve.deploy.router:SessionAffinityRouter"
 
 
 def add_command(sub: Any) -> None:
+    from ttaserve.cli_args import logging_flags
     from ttaserve.cli_options import add_server_options
 
     p = sub.add_parser(
         "ray-serve", help="run N replicas behind Ray Serve's gRPC proxy (pip install ttaserve[ray])",
+        parents=[logging_flags()],
         description="Serve with Ray Serve: every request of one (model, sequence_id) reaches the same "
         "replica (consistent hashing), sessions are written to a shared state store and restored "
         "elsewhere when a replica dies. --grpc-port is the proxy's port (Ray binds it on every "
@@ -36,9 +38,9 @@ def add_command(sub: Any) -> None:
         "options configure each replica.")
     add_server_options(p)
     p.add_argument("--replicas", type=int, default=2, help="number of replicas (default 2)")
-    p.add_argument("--state-store", required=True, metavar="URL",
-                   help="where sessions live: a directory every replica sees (path or file:///…) "
-                   "or redis://host:port/db")
+    p.add_argument("--state-store", metavar="URL",
+                   help="required: where sessions live, a directory every replica sees (path or "
+                   "file:///…) or redis://host:port/db")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica (default 1)")
     p.add_argument("--replica-host", default="127.0.0.1",
                    help="address each replica's own gRPC and metrics endpoints bind (default loopback; "
@@ -85,14 +87,15 @@ def app_builder(config: dict[str, Any]) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import ray
-        from ray import serve
-    except ImportError as exc:
-        raise ValueError("ray-serve needs Ray Serve: pip install 'ttaserve[ray]'") from exc
+    import ray  # a missing extra is reported by ttaserve.cli with its pip command
+    from ray import serve
+
     from ttaserve.deploy.metrics import serve_metrics
     from ttaserve.deploy.stores import open_store
 
+    if not args.state_store:
+        raise ValueError("ray-serve needs --state-store: a directory every replica sees, or "
+                         "redis://host:port/db (sessions live there so that replicas can fail over)")
     settings = replica_settings(args)
     interval = 0.0 if args.state_interval_s is None else float(args.state_interval_s)
     store = open_store(args.state_store)
