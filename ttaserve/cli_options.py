@@ -8,7 +8,6 @@ from typing import Any
 
 from ttaserve.cli_args import param_arg
 
-
 SETTINGS_FIELDS = (
     "host", "grpc_port", "metrics_port", "policy", "model_repository", "demo", "max_message_bytes",
     "max_batch_size", "session_idle_s", "max_sessions", "strict_sequences", "grace_s", "torch_threads",

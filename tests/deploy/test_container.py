@@ -134,3 +134,23 @@ def test_app_builder_reads_the_manifest_args() -> None:
     from ttaserve.server.settings import ServerSettings
 
     ServerSettings(**app["args"]["settings"])  # every setting is a real field
+
+
+def test_the_documented_docker_commands_fit_the_dockerfile() -> None:
+    import shlex
+
+    from ttaserve.cli import build_parser
+
+    text = (ROOT / "docs/SCALING.md").read_text()
+    block = text[text.index("```console\ndocker build"):]
+    block = block[len("```console\n"):block.index("\n```")].replace("\\\n", " ")
+    lines = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    for argv in lines:
+        for i, word in enumerate(argv):
+            if word == "--build-arg":
+                assert f"ARG {argv[i + 1].split('=')[0]}=" in DOCKERFILE
+    (run,) = [argv for argv in lines if argv[:2] == ["docker", "run"]]
+    volumes = [run[i + 1].split(":")[1] for i, w in enumerate(run) if w == "-v"]
+    assert set(volumes) == {"/models", "/state"} and 'VOLUME ["/models", "/state"]' in DOCKERFILE
+    image = run.index("ttaserve")
+    build_parser().parse_args(["serve", *run[image + 1:]])  # what follows the image: serve options
