@@ -87,12 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     from ttaserve.bench.cli import add_bench_commands
     from ttaserve.cli_control import add_commands
+    from ttaserve.cli_export import add_commands as add_export_commands
     from ttaserve.deploy.cli import add_command as add_ray_serve
     from ttaserve.prepare import add_command as add_prepare
 
     add_commands(sub)
     add_prepare(sub)
     add_ray_serve(sub)
+    add_export_commands(sub)
     add_bench_commands(sub)
     return parser
 

@@ -90,7 +90,10 @@ class Engine:
     def adapter(self, choice: PolicyChoice) -> Adapter:
         """The (cached, immutable) policy object for a choice."""
         if choice not in self._adapters:
-            self._adapters[choice] = create_adapter(choice.name, self.model, **dict(choice.params))
+            # Validated first, then bound: the model checks that the policy fits it (and a
+            # backend such as ONNX Runtime may refuse policies it cannot run).
+            adapter = create_adapter(choice.name, **dict(choice.params))
+            self._adapters[choice] = self.model.bind(adapter)
         return self._adapters[choice]
 
     def stateless(self, choice: PolicyChoice) -> bool:
@@ -325,8 +328,7 @@ def layer_divergence(moments: list[Any], segment: int | None = None) -> dict[str
 
 def model_fingerprint(model: PreparedModel) -> str:
     """Identifies an architecture (parameter and buffer names and shapes), not its weights."""
-    spec = ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.module.state_dict().items())
-    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+    return hashlib.sha256(model.architecture().encode()).hexdigest()[:16]
 
 
 def check_input(x: torch.Tensor) -> None:

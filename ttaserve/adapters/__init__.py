@@ -4,7 +4,7 @@ import importlib
 import pkgutil
 
 from ttaserve.adapters.base import Adapter, TensorState
-from ttaserve.adapters.model import ModelError, PreparedModel, normalizer, prepare
+from ttaserve.adapters.model import ModelError, PreparedModel, Unsupported, normalizer, prepare
 from ttaserve.adapters.registry import (
     PolicyError,
     canonical,
@@ -28,6 +28,7 @@ __all__ = [
     "PolicyError",
     "PreparedModel",
     "TensorState",
+    "Unsupported",
     "canonical",
     "create_adapter",
     "describe",

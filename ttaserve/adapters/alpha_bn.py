@@ -43,14 +43,24 @@ class AlphaBNParams:
             raise ValueError(f"alpha must be in [0, 1] (weight of the source statistics), got {self.alpha}")
 
 
+@dataclass(frozen=True)
+class AlphaBNNorm:
+    """The per-layer normalizer of one forward pass. A value rather than a closure, so that
+    a backend which runs its own graph (ONNX Runtime) can read alpha and the segments."""
+
+    alpha: float
+    offsets: tuple[int, ...] | None = None  # request segments of a shared batch, or None
+
+    def __call__(self, layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
+        offsets = list(self.offsets) if self.offsets is not None else None
+        return _alpha_bn(z, offsets, layer.running_mean, layer.running_var, self.alpha,
+                         layer.weight, layer.bias, layer.eps)
+
+
 def alpha_bn_norm(alpha: float, offsets: list[int] | None = None) -> NormHook:
     """The per-layer normalizer for one forward pass. With ``offsets`` the batch is made of
     several requests, and each request segment is normalized with its own batch statistics."""
-
-    def norm(layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
-        return _alpha_bn(z, offsets, layer.running_mean, layer.running_var, alpha, layer.weight, layer.bias, layer.eps)
-
-    return norm
+    return AlphaBNNorm(alpha, tuple(offsets) if offsets is not None else None)
 
 
 @register

@@ -43,6 +43,11 @@ class ModelError(ValueError):
     """A model cannot be used the way it was asked to be (e.g. no BatchNorm for a BN policy)."""
 
 
+class Unsupported(ModelError):
+    """The policy exists, but not for this kind of model (e.g. a gradient policy on an ONNX
+    Runtime model); the message names what does support it."""
+
+
 class AdaptiveBatchNorm2d(nn.Module):
     """Drop-in for an eval-mode ``nn.BatchNorm2d`` that defers to the active normalizer.
 
@@ -104,6 +109,36 @@ def normalizer(hook: NormHook | None) -> Iterator[None]:
         _NORM_HOOK.reset(token)
 
 
+def active_normalizer() -> NormHook | None:
+    """The normalizer of the forward pass running in this context (None: source). Backends
+    that do not run the torch layers (ONNX Runtime) read it to pick their graph."""
+    return _NORM_HOOK.get()
+
+
+def observing() -> bool:
+    """Whether this forward pass is asked for its BatchNorm-input moments."""
+    return _MOMENTS.get() is not None
+
+
+def record_instance_moments(layer: AdaptiveBatchNorm2d, inst_mean: torch.Tensor, inst_var: torch.Tensor) -> None:
+    """Report a layer's input moments computed elsewhere (per sample, [B, C]) to the active
+    observer, as batch moments over the whole batch or per segment, like the torch layers do.
+    Batch variance = mean of the instance variances + variance of the instance means."""
+    sink = _MOMENTS.get()
+    if sink is None:
+        return
+    offsets = _SEGMENTS.get() or [0, inst_mean.shape[0]]
+    means, variances = [], []
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        mean = inst_mean[a:b].mean(dim=0)
+        variances.append(inst_var[a:b].mean(dim=0) + (inst_mean[a:b] - mean).square().mean(dim=0))
+        means.append(mean)
+    if _SEGMENTS.get() is None:
+        sink.append((layer, means[0], variances[0]))
+    else:
+        sink.append((layer, torch.stack(means), torch.stack(variances)))
+
+
 def _moments(z: torch.Tensor, offsets: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
     # kernels.norm.batch_moments (two passes) rather than torch.var_mean, which on CPU was
     # the largest cost of drift observation (kernels/norm.py says why).
@@ -146,6 +181,17 @@ class PreparedModel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
+
+    def bind(self, adapter: Any) -> Any:
+        """The policy as it runs on this model (raises ModelError if it cannot). A torch
+        model runs the adapter itself; other backends may refuse a policy (Unsupported)."""
+        adapter.check(self)
+        return adapter
+
+    def architecture(self) -> str:
+        """What identifies this architecture (not its weights): snapshots only restore on a
+        model with the same description."""
+        return ";".join(f"{k}:{tuple(v.shape)}" for k, v in self.module.state_dict().items())
 
     def artifact(self, key: str) -> Any:
         """A prepared artifact (e.g. ``"adanpc.memory"``). Entries may be zero-argument

@@ -145,20 +145,39 @@ class _Pending:
     momentum: float
 
 
-def unmix_norm(params: UnMixTNSParams, state: TensorState, pending: list[_Pending]) -> NormHook:
-    """The per-layer normalizer for one forward pass; it reads the state and records the
-    update in ``pending`` instead of applying it."""
+@dataclass(frozen=True, eq=False)
+class UnMixNorm:
+    """The per-layer normalizer of one forward pass: reads the components from ``state``
+    and records each layer's update in ``pending`` instead of applying it. A value rather
+    than a closure, so that a backend which runs its own graph (ONNX Runtime) can feed it
+    the components and :meth:`record` what its graph computed."""
 
-    def norm(layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
-        means, variances = state[_key(layer.index, "means")], state[_key(layer.index, "vars")]
+    params: UnMixTNSParams
+    state: TensorState
+    pending: list[_Pending]
+
+    def components(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Component means and variances (K x C) of layer ``index``."""
+        return self.state[_key(index, "means")], self.state[_key(index, "vars")]
+
+    def record(self, layer: AdaptiveBatchNorm2d, inst_mean: torch.Tensor, inst_var: torch.Tensor,
+               p: torch.Tensor) -> None:
+        """Remember what the layer saw for the update after the forward pass."""
+        base = self.params.bn_momentum if self.params.bn_momentum >= 0.0 else _layer_momentum(layer)
+        m = batch_momentum(base, inst_mean.shape[0], self.params.b_max)
+        self.pending.append(_Pending(layer.index, inst_mean, inst_var, p, m))
+
+    def __call__(self, layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
+        means, variances = self.components(layer.index)
         inst_mean, inst_var = instance_moments(z)
-        mean, var, p = _unmix_moments(inst_mean, inst_var, means, variances, params.tau)
-        base = params.bn_momentum if params.bn_momentum >= 0.0 else _layer_momentum(layer)
-        m = batch_momentum(base, z.shape[0], params.b_max)
-        pending.append(_Pending(layer.index, inst_mean, inst_var, p, m))
+        mean, var, p = _unmix_moments(inst_mean, inst_var, means, variances, self.params.tau)
+        self.record(layer, inst_mean, inst_var, p)
         return normalize(z, mean, var, layer.weight, layer.bias, layer.eps)
 
-    return norm
+
+def unmix_norm(params: UnMixTNSParams, state: TensorState, pending: list[_Pending]) -> NormHook:
+    """The per-layer normalizer for one forward pass (see :class:`UnMixNorm`)."""
+    return UnMixNorm(params, state, pending)
 
 
 def _layer_momentum(layer: AdaptiveBatchNorm2d) -> float:

@@ -8,10 +8,13 @@ sub-directory). Example::
     {
       "inputs":  [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32], "range": [0, 1]}],
       "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
-      "factory": "mypackage.models:resnet18_cifar",     (or "program": "model.pt2")
+      "factory": "mypackage.models:resnet18_cifar",     (or "program": "model.pt2",
+                                                          or "onnx": "model.onnx")
       "weights": "weights.safetensors",                  (with "factory"; or a torch state dict)
       "head": "fc",                                      (optional: the classifier module)
       "labels": ["airplane", "..."],                     (optional)
+      "features": "/pool/Flatten_output_0",              (ONNX, optional: the head's input)
+      "providers": ["CUDAExecutionProvider"],            (ONNX, optional: default automatic)
       "policy": "alpha-bn", "params": {"alpha": 0.1},     (optional default policy)
       "artifacts": {"adanpc.memory": "memory.safetensors",
                     "ecotta.meta": "meta.safetensors",
@@ -25,16 +28,18 @@ import importlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ttaserve.adapters import PreparedModel, prepare
+from ttaserve.adapters import ModelError, PreparedModel, prepare
 from ttaserve.handlers.spec import ModelSpec, TensorSpec
 
 log = logging.getLogger(__name__)
+
+PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX Runtime models
 
 
 class ModelConfigError(ValueError):
@@ -84,14 +89,45 @@ def load_model_dir(directory: Path) -> LoadedModel:
             labels=tuple(raw.get("labels", ())),
             description=raw.get("description", ""),
         )
-        module = _load_module(raw, directory)
-        prepared = prepare(module, head=raw.get("head"))
+        if "onnx" in raw:
+            prepared = _load_onnx(raw, directory)
+            spec = replace(spec, platform=PLATFORM)
+        else:
+            prepared = prepare(_load_module(raw, directory), head=raw.get("head"))
         for key, value in raw.get("artifacts", {}).items():
+            if "onnx" in raw and key != "adanpc.memory":
+                log.warning("%s: artifact %r ignored: the policy using it does not run on ONNX Runtime",
+                            config_path, key)
+                continue
             prepared.artifacts[key] = _artifact_loader(key, directory / value, raw, directory)
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ModelConfigError(f"{config_path}: {type(exc).__name__}: {exc}") from exc
+    except ModelError as exc:  # includes what ONNX graph analysis refuses
+        raise ModelConfigError(f"{config_path}: {exc}") from exc
     log.info("loaded model %s from %s", spec.name, directory)
     return LoadedModel(spec, prepared, raw.get("policy"), dict(raw.get("params", {})))
+
+
+def _load_onnx(raw: dict[str, Any], directory: Path) -> PreparedModel:
+    try:
+        from ttaserve.handlers.onnx_model import load_onnx
+    except ImportError as exc:
+        raise ModelConfigError(f"serving an ONNX model needs onnx and onnxruntime: pip install "
+                               f"'ttaserve[onnx]' ({exc})") from exc
+
+    providers = raw.get("providers")
+    if providers is not None and not (isinstance(providers, list) and all(isinstance(p, str) for p in providers)):
+        raise ModelConfigError("'providers' must be a list of ONNX Runtime provider names")
+    return load_onnx(directory / raw["onnx"], features=raw.get("features"), providers=providers)
+
+
+def load_torch_module(directory: Path) -> tuple[ModelSpec, nn.Module]:
+    """The wire spec and the plain (unprepared, eval-mode) torch module of a model directory
+    that names a factory or a program (what ``ttaserve export-onnx`` exports)."""
+    raw = json.loads((directory / "config.json").read_text())
+    if "onnx" in raw:
+        raise ModelConfigError(f"{directory / 'config.json'} already names an ONNX file")
+    return load_model_dir(directory).spec, _load_module(raw, directory)
 
 
 def _load_module(raw: dict[str, Any], directory: Path) -> nn.Module:
@@ -106,7 +142,7 @@ def _load_module(raw: dict[str, Any], directory: Path) -> nn.Module:
 
             load_state(module, str(directory / raw["weights"]))
         return module.eval()
-    raise ModelConfigError("config.json needs 'factory' (with 'weights') or 'program' (.pt2)")
+    raise ModelConfigError("config.json needs 'factory' (with 'weights'), 'program' (.pt2) or 'onnx' (.onnx)")
 
 
 def _factory(ref: str) -> Callable[[], nn.Module]:

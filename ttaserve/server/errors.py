@@ -6,7 +6,7 @@ import logging
 
 import grpc
 
-from ttaserve.adapters import ModelError, PolicyError
+from ttaserve.adapters import ModelError, PolicyError, Unsupported
 from ttaserve.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (PolicyError, grpc.StatusCode.INVALID_ARGUMENT),
+    (Unsupported, grpc.StatusCode.UNIMPLEMENTED),  # before ModelError, its base
     (ModelError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
