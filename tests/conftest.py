@@ -89,3 +89,14 @@ def example_policy() -> Iterator[str]:
         unregister(module.PriorShift.name)
     finally:
         del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="session")
+def demo_onnx_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository holding ``demo-onnx``: the demo model written by
+    ``ttaserve export-onnx`` (ONNX file, config.json, AdaNPC memory)."""
+    from ttaserve.cli import main
+
+    root = tmp_path_factory.mktemp("onnx-repo")
+    assert main(["export-onnx", "--out", str(root / "demo-onnx" / "model.onnx")]) == 0
+    return root

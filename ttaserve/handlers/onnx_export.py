@@ -52,7 +52,21 @@ def export_onnx(module: nn.Module, spec: ModelSpec, out: str | Path, opset: int 
         torch.onnx.export(module, (_example(spec, 2),), str(out), input_names=[inp.name],
                           output_names=[outp.name], dynamic_axes={inp.name: {0: "batch"}, outp.name: {0: "batch"}},
                           **options)
+    _record_layer_order(module, out)
     return check_export(module, spec, out)
+
+
+def _record_layer_order(module: nn.Module, path: str | Path) -> None:
+    """Store the torch order of the BatchNorm layers in the file (see LAYER_ORDER_KEY)."""
+    import onnx
+
+    from ttaserve.handlers.onnx_graph import LAYER_ORDER_KEY
+
+    model = onnx.load(str(path))
+    names = [name for name, m in module.named_modules() if type(m) is nn.BatchNorm2d]
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    onnx.helper.set_model_props(model, {**props, LAYER_ORDER_KEY: json.dumps(names)})
+    onnx.save(model, str(path))
 
 
 def check_export(module: nn.Module, spec: ModelSpec, path: str | Path) -> Any:

@@ -17,9 +17,10 @@ The rules themselves live in :mod:`ttaserve.handlers.onnx_rules`.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 
 MIN_OPSET = 11
 PREFIX = "ttaserve"
+# metadata_props key: JSON list of the BatchNorm layer names in the torch module's order,
+# written by ``ttaserve export-onnx``. Layers are numbered in that order (as ``prepare``
+# numbers a torch model's), so a policy's per-layer state and its seeded initialization
+# (UnMix-TNS components) are the torch model's. Without it, in graph execution order.
+LAYER_ORDER_KEY = "ttaserve.layer_order"
 
 
 class GraphError(ModelError):
@@ -67,6 +73,7 @@ class GraphInfo:
     num_classes: int
     layers: tuple[BatchNormNode, ...]
     features: str | None  # the classifier head's input (AdaNPC), if found or named
+    feature_shape: list[int | str] | None  # its shape as inferred (None: unknown)
     convolutions: int  # Conv nodes: with no BatchNorm left, a sign BN was fused into them
 
 
@@ -90,16 +97,18 @@ def analyze(model: onnx.ModelProto, features: str | None = None) -> GraphInfo:
     if len(inputs) != 1 or len(graph.output) != 1:
         raise GraphError(f"ttaserve serves models with one image input and one logits output; this graph "
                          f"has inputs {[i.name for i in inputs]} and outputs {[o.name for o in graph.output]}")
-    ranks = _ranks(model)
-    layers = _batchnorms(graph, constants, ranks)
+    shapes = _shapes(model)
+    layers = _ordered(_batchnorms(graph, constants, shapes), _layer_order(model))
     if features is not None and features not in _tensor_names(graph):
         raise GraphError(f"feature tensor {features!r} is not a tensor of this graph")
+    features = features or _head_input(graph)
     elem = inputs[0].type.tensor_type.elem_type
     return GraphInfo(
         model=model, opset=opset, input=inputs[0].name,
         input_dtype=np.dtype(helper.tensor_dtype_to_np_dtype(elem)), output=graph.output[0].name,
         num_classes=_last_dim(graph.output[0]), layers=tuple(layers),
-        features=features or _head_input(graph), convolutions=sum(n.op_type == "Conv" for n in graph.node),
+        features=features, feature_shape=shapes.get(features) if features else None,
+        convolutions=sum(n.op_type == "Conv" for n in graph.node),
     )
 
 
@@ -114,25 +123,27 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return values
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int | str]]:
+    """Inferred shapes of the graph's tensors (dims as ints, or names when symbolic)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception as exc:  # noqa: BLE001 - a graph onnx cannot infer still runs in ORT
         log.warning("ONNX shape inference failed (%s); BatchNorm ranks unknown", exc)
         inferred = model
     infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-    return {v.name: len(v.type.tensor_type.shape.dim) for v in infos
-            if v.type.tensor_type.HasField("shape")}
+    return {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                     for d in v.type.tensor_type.shape.dim]
+            for v in infos if v.type.tensor_type.HasField("shape")}
 
 
 def _batchnorms(graph: onnx.GraphProto, constants: dict[str, np.ndarray],
-                ranks: dict[str, int]) -> list[BatchNormNode]:
+                shapes: dict[str, list[int | str]]) -> list[BatchNormNode]:
     layers: list[BatchNormNode] = []
     for node in graph.node:
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        rank = ranks.get(node.input[0])
+        rank = len(shapes[node.input[0]]) if node.input[0] in shapes else None
         if rank != 4 or attrs.get("training_mode", 0) or len(node.output) != 1:
             # BatchNorm1d (rank 2/3) stays on source statistics, as on the torch path.
             log.info("BatchNormalization %s (rank %s) is not adapted", node.name or node.output[0], rank)
@@ -148,6 +159,23 @@ def _batchnorms(graph: onnx.GraphProto, constants: dict[str, np.ndarray],
             momentum=1.0 - float(attrs.get("momentum", 0.9)),
         ))
     return layers
+
+
+def _layer_order(model: onnx.ModelProto) -> list[str] | None:
+    for prop in model.metadata_props:
+        if prop.key == LAYER_ORDER_KEY:
+            return list(json.loads(prop.value))
+    return None
+
+
+def _ordered(layers: list[BatchNormNode], order: list[str] | None) -> list[BatchNormNode]:
+    """Renumber the layers in the recorded torch order (ignored unless it names each once)."""
+    if order is None or sorted(order) != sorted(layer.name for layer in layers):
+        if order is not None:
+            log.warning("ignoring %s: it does not name the graph's BatchNorm layers", LAYER_ORDER_KEY)
+        return layers
+    rank = {name: i for i, name in enumerate(order)}
+    return [replace(layer, index=rank[layer.name]) for layer in sorted(layers, key=lambda n: rank[n.name])]
 
 
 def _layer_name(node: onnx.NodeProto) -> str:
@@ -182,7 +210,7 @@ class Emitter:
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: dict[str, onnx.ValueInfoProto] = {}
-        self.outputs: list[str] = []
+        self.outputs: dict[str, list[int | str] | None] = {}
         self.initializers: list[onnx.TensorProto] = []
         self._shared: dict[str, str] = {}
         self._count = 0
@@ -205,9 +233,9 @@ class Emitter:
             self.inputs[name] = helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
         return name
 
-    def output(self, name: str) -> None:
-        if name not in self.outputs:
-            self.outputs.append(name)
+    def output(self, name: str, shape: list[int | str] | None) -> None:
+        """Make ``name`` a float32 graph output (``shape`` None: unknown rank)."""
+        self.outputs.setdefault(name, shape)
 
     def shared(self, key: str, make: Callable[[], str]) -> str:
         """A value computed once per graph (e.g. ``1 - alpha``)."""
@@ -269,7 +297,7 @@ def rewrite(info: GraphInfo, rule: Statistics | None, moments: bool, features: b
         nodes.extend(em.nodes)
         em.nodes.clear()
     if features and info.features is not None:
-        em.output(info.features)
+        em.output(info.features, info.feature_shape)
     return _assemble(info.model, nodes, em)
 
 
@@ -284,8 +312,9 @@ def _instance_moments(em: Emitter, layer: BatchNormNode) -> tuple[str, str]:
     var4 = em.reduce("ReduceMean", em.op("Mul", centred, centred), [2, 3], 1)
     mean = em.op("Flatten", mean4, axis=1, out=mean_name(layer.index))
     var = em.op("Flatten", var4, axis=1, out=var_name(layer.index))
-    em.output(mean)
-    em.output(var)
+    channels = int(layer.mean.shape[0])
+    em.output(mean, ["batch", channels])
+    em.output(var, ["batch", channels])
     return mean, var
 
 
@@ -308,5 +337,6 @@ def _assemble(model: onnx.ModelProto, nodes: list[onnx.NodeProto], em: Emitter) 
     graph.node.extend(nodes)
     graph.input.extend(em.inputs.values())
     graph.initializer.extend(em.initializers)
-    graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in em.outputs)
+    graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+                        for name, shape in em.outputs.items())
     return out

@@ -126,7 +126,7 @@ class UnMixRule:
         cosine = em.op("MatMul", em.l2_normalize(layer.inst_mean),
                        em.op("Transpose", em.l2_normalize(means), perm=[1, 0]))
         p = em.op("Softmax", em.op("Div", cosine, tau), axis=1, out=p_name(index))
-        em.output(p)
+        em.output(p, ["batch", "components"])
         w = em.unsqueeze(p, [2])  # B x K x 1
         keep = em.op("Sub", em.const(1.0), w)
         mixed_mean = em.op("Add", em.op("Mul", keep, means), em.op("Mul", w, em.unsqueeze(layer.inst_mean, [1])))
