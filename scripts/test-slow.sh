@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The slow suites (pytest -m slow). First installs from Debian what they drive: headless
+# The slow suites (pytest -m slow). First installs what they drive: from Debian, headless
 # Chromium (dashboard test), Prometheus (scrape + PromQL test) and redis-server (Ray Serve
-# failover test), and the ray extra (Ray Serve). Extra args go to pytest, e.g.
-# `scripts/test-slow.sh tests/e2e` for the monitoring tests only, `tests/deploy` for Ray Serve.
+# failover test), and the ray extra (Ray Serve); TorchServe and its model archiver in the
+# peers virtualenv (.venv-peers, scripts/peers-venv.sh; TorchServe also needs Java 17) when
+# the TorchServe bridge test is selected. Extra args go to pytest, e.g.
+# `scripts/test-slow.sh tests/e2e` for the monitoring tests only, `tests/deploy` for Ray Serve,
+# `tests/handlers` for TorchServe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -15,5 +18,17 @@ command -v chromium >/dev/null || apt_install chromium chromium-driver
 # Without the recommended node exporter; the tests start their own Prometheus on a free port.
 command -v prometheus >/dev/null || apt_install --no-install-recommends prometheus
 command -v redis-server >/dev/null || apt_install redis-server
+# The TorchServe test (tests/handlers) runs when no test path is given or one under tests/handlers is.
+torchserve=1
+for arg in "$@"; do
+  case "$arg" in
+    tests/handlers*) torchserve=1; break ;;
+    tests/*) torchserve=0 ;;
+  esac
+done
+if [ "$torchserve" = 1 ]; then
+  command -v java >/dev/null || apt_install --no-install-recommends openjdk-17-jre-headless
+  bash scripts/peers-venv.sh
+fi
 export TTASERVE_EXTRAS=dev,ray
 exec bash scripts/test.sh -m slow "$@"

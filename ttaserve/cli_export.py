@@ -30,9 +30,21 @@ def add_commands(sub: Any) -> None:
     m.add_argument("--model-dir", default=None, help="model repository entry (default: the demo model)")
     m.add_argument("--out", required=True, help="the .mar file to write")
     m.add_argument("--policy", default=None, help="default policy of the archive (default: the model's, else source)")
+    m.add_argument("--param", dest="params", action="append", type=_param, default=[], metavar="KEY=VALUE",
+                   help="parameter of --policy, e.g. alpha=0.1")
+    m.add_argument("--batch-size", type=int, default=8,
+                   help="TorchServe batchSize: requests of several sequences per forward, and the most "
+                   "sequences one worker serves at once (default 8)")
     m.add_argument("--no-bundle", dest="bundle", action="store_false",
                    help="do not put the ttaserve package into the archive (install it in the worker's environment)")
+    m.add_argument("--archiver", default=None, metavar="PATH", help="torch-model-archiver to run")
     m.set_defaults(run=_package_mar)
+
+
+def _param(text: str) -> tuple[str, Any]:
+    from ttaserve.cli import _param as parse
+
+    return parse(text)
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
@@ -71,6 +83,8 @@ def _source_model(model_dir: str | None) -> tuple[Any, Any, dict[str, Any], dict
 def _package_mar(args: argparse.Namespace) -> int:
     from ttaserve.handlers.mar import package_mar
 
-    path = package_mar(args.model_dir, Path(args.out), policy=args.policy, bundle=args.bundle)
-    print(f"{path}: TorchServe archive; see docs/TORCHSERVE.md")
+    path = package_mar(args.model_dir, Path(args.out), policy=args.policy, params=dict(args.params),
+                       bundle=args.bundle, archiver=args.archiver, batch_size=args.batch_size)
+    print(f"{path}: TorchServe archive (sequence batching on); serve with `torchserve --start "
+          f"--model-store {path.parent} --models {path.stem}={path.name}` (see docs/TORCHSERVE.md)")
     return 0

@@ -67,3 +67,16 @@ def test_memory_rows_and_goals(run: tuple[Path, dict[str, Any], str]) -> None:
     assert len(goals) == len(GOALS) + 3  # overheads, gRPC, many sessions, memory
     assert all(g["met"] is None for name, g in goals.items() if "at b64" in name)  # b64 not run
     assert check_goals(result) == result["goals"] and table(result)
+
+
+def test_onnx_runtime_part(run: tuple[Path, dict[str, Any], str]) -> None:
+    _, result, text = run
+    onnx = result["onnx"]
+    assert onnx["status"] == "ok" and onnx["threads"] == 1 and onnx["providers"] == ["CPUExecutionProvider"]
+    assert onnx["policies"] == ["source", "alpha-bn", "tbn", "unmix-tns", "adanpc"]
+    for b in map(str, result["config"]["batch_sizes"]):
+        for policy in onnx["policies"]:
+            row = onnx["vs_torch"][b]["policies"][policy]
+            assert row["raw"]["median"] > 0 and row["ort_raw_ms"] > 0 and row["torch_raw_ms"] > 0
+        assert set(onnx["overhead"][b]["policies"]) == set(onnx["policies"]) - {"source"}
+    assert "ONNX Runtime" in text and "overhead on ONNX Runtime" in text

@@ -127,7 +127,8 @@ def _add_perf(group: Any) -> None:
         "perf", help="overhead, serving throughput and memory of every policy", parents=[logging_flags()],
         description="Time every policy against the source forward in-process (batch 1/16/64), "
         "gRPC against in-process, 32 concurrent sequences with and without dynamic batching, "
-        "state and peak step memory; optionally peer servers (--peers). Writes perf.json/.md/.png.")
+        "state and peak step memory, ONNX Runtime against torch; optionally peer servers (--peers). "
+        "Writes perf.json/.md/.png.")
     p.add_argument("--out", default="ttaserve-results", metavar="DIR",
                    help="where perf.json/.md/.png go (default ./ttaserve-results)")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 1 and 16, 3 repetitions")
@@ -143,6 +144,8 @@ def _add_perf(group: Any) -> None:
     p.add_argument("--session-policy", default=None, help="policy of the 32 sequences (alpha-bn)")
     p.add_argument("--no-server", dest="server", action="store_false", default=None,
                    help="in-process parts only (no gRPC, no many-sessions)")
+    p.add_argument("--no-onnx", dest="onnx", action="store_false", default=None,
+                   help="skip ONNX Runtime vs torch (part 6)")
     p.add_argument("--peers", action="store_true", default=None,
                    help="also run Triton/MLServer/TorchServe on the same model (needs .venv-peers)")
     p.add_argument("--peer-concurrency", dest="peer_concurrencies", type=_csv(int), default=None,
@@ -161,7 +164,7 @@ def _perf(args: argparse.Namespace) -> int:
     from ttaserve.bench.perf_report import table, write
 
     fields = ("batch_sizes", "policies", "reps", "block_s", "threads", "adanpc_entries", "batch_delay_us",
-              "session_policy", "server", "peers", "peer_concurrencies", "peer_duration_s", "data")
+              "session_policy", "server", "peers", "peer_concurrencies", "peer_duration_s", "data", "onnx")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     config = replace(quick_config() if args.quick else Config(), **overrides)
     with tqdm(total=total_steps(config), unit="step", disable=not args.progress, file=sys.stderr,

@@ -8,6 +8,8 @@
    batching, and one request at a time (:mod:`ttaserve.bench.perf_grpc`).
 4. Peer servers on the same model (``--peers``; :mod:`ttaserve.bench.peers`, own virtualenv).
 5. Bytes of state per session and peak memory of one step, per policy.
+6. ONNX Runtime against torch on the same model and batches, and the policies' overheads
+   on ONNX Runtime (:mod:`ttaserve.bench.perf_onnx`; ``--no-onnx`` skips it).
 
 Every number that is compared is a ratio measured in this run, between neighbouring
 measurements, and the median over repetitions (the machines are shared and noisy). The
@@ -64,6 +66,7 @@ class Config:
     peers: bool = False
     peer_concurrencies: tuple[int, ...] | None = None  # None: run_peers' default
     peer_duration_s: float | None = None
+    onnx: bool = True  # part 6: ONNX Runtime vs torch
     quick: bool = False
 
 
@@ -78,6 +81,10 @@ def total_steps(config: Config) -> int:
     steps = len(config.batch_sizes) * config.reps * (len(config.policies) - 1) + len(config.policies)
     if config.server:
         steps += config.grpc_rounds + config.session_rounds + 1
+    if config.onnx:
+        from ttaserve.bench.perf_onnx import onnx_policies
+
+        steps += len(config.batch_sizes) * config.reps * (2 * len(onnx_policies(config.policies)) - 1)
     return steps
 
 
@@ -108,6 +115,12 @@ def run(config: Config, progress: Progress, out_dir: str | Path) -> dict[str, An
     result["memory"] = measure_memory(subjects, split(images, max(config.batch_sizes), 1)[0], progress)
     if config.server:
         result.update(_server_parts(config, model, images, Path(out_dir), progress))
+    if config.onnx:
+        from ttaserve.bench.perf_onnx import measure_onnx
+
+        result["onnx"] = measure_onnx(model, images, config.batch_sizes, config.policies, config.reps,
+                                      config.block_s, config.seed, config.threads or torch.get_num_threads(),
+                                      progress)
     if config.peers:
         result["peers"] = _peers(config, out_dir)
     result["machine"]["load_avg_end"] = list(os.getloadavg())

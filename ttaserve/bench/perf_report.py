@@ -74,6 +74,38 @@ def server_lines(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def onnx_table(result: dict[str, Any]) -> list[str]:
+    """ONNX Runtime / torch per policy (the source row is the plain forward), and the
+    policies' overheads on ONNX Runtime."""
+    onnx = result.get("onnx")
+    if not onnx:
+        return ["(ONNX Runtime part not run)"]
+    if onnx.get("status") != "ok":
+        return [f"ONNX Runtime part not run: {onnx.get('reason')}"]
+    sizes = list(onnx["vs_torch"])
+    lines = [f"ONNX Runtime {onnx['onnxruntime']} ({', '.join(onnx['providers'])}, {onnx['threads']} thread(s)) "
+             "/ torch on the same batches (< 1: ORT faster); ms per batch ORT vs torch, bare forward", "",
+             "| policy | " + " | ".join(f"b{b} raw | b{b} engine | b{b} ms (raw)" for b in sizes) + " |",
+             "|---|" + "---:|" * (3 * len(sizes))]
+    for policy in onnx["policies"]:
+        cells = []
+        for b in sizes:
+            row = onnx["vs_torch"][b]["policies"][policy]
+            cells += [_x(row["raw"]["median"]), _x(row["engine"]["median"]),
+                      f"{row['ort_raw_ms']:.2f} vs {row['torch_raw_ms']:.2f}"]
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    lines += ["", "overhead on ONNX Runtime = policy time / ORT source time", "",
+              "| policy | " + " | ".join(f"b{b} engine | b{b} raw" for b in sizes) + " |",
+              "|---|" + "---:|" * (2 * len(sizes))]
+    for policy in onnx["policies"][1:]:
+        cells = []
+        for b in sizes:
+            row = onnx["overhead"][b]["policies"][policy]
+            cells += [_x(row["engine"]["median"]), _x(row["raw"]["median"])]
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def table(result: dict[str, Any]) -> str:
     """Markdown: overhead ratios, source times, server throughput, memory, goals."""
     m = result["machine"]
@@ -82,6 +114,7 @@ def table(result: dict[str, Any]) -> str:
              f"{m['torch_threads']} thread(s); data: {result['data']}", "",
              "overhead = time per batch / source time per batch (median of paired repetitions)", ""]
     lines += overhead_table(result) + [""] + server_lines(result) + [""] + memory_table(result)
+    lines += [""] + onnx_table(result)
     lines += ["", "| goal | measured | met |", "|---|---|---|"]
     lines += [f"| {g['goal']} | {g['measured']} | {_met(g['met'])} |" for g in result["goals"]]
     return "\n".join(lines)
