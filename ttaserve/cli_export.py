@@ -8,12 +8,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ttaserve.cli_args import logging_flags, param_arg
+
 log = logging.getLogger(__name__)
 
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser(
-        "export-onnx", help="write a model as an adaptable ONNX file (BatchNorm kept)",
+        "export-onnx", help="write a model as an adaptable ONNX file (BatchNorm kept)", parents=[logging_flags()],
         description="Export the demo model, or a model repository entry (--model-dir), to ONNX "
         "with its BatchNormalization nodes kept, check it against torch (1e-4), and write a "
         "config.json beside it so the directory can be served as a model repository entry.")
@@ -24,13 +26,13 @@ def add_commands(sub: Any) -> None:
                    help="write only the .onnx file, no config.json or artifacts")
     p.set_defaults(run=_export_onnx)
     m = sub.add_parser(
-        "package-mar", help="build a TorchServe model archive that adapts per sequence",
+        "package-mar", help="build a TorchServe model archive that adapts per sequence", parents=[logging_flags()],
         description="Build a .mar with torch-model-archiver whose handler runs ttaserve's engine "
         "inside the TorchServe worker, one adaptation session per TorchServe sequence id.")
     m.add_argument("--model-dir", default=None, help="model repository entry (default: the demo model)")
     m.add_argument("--out", required=True, help="the .mar file to write")
     m.add_argument("--policy", default=None, help="default policy of the archive (default: the model's, else source)")
-    m.add_argument("--param", dest="params", action="append", type=_param, default=[], metavar="KEY=VALUE",
+    m.add_argument("--param", dest="params", action="append", type=param_arg, default=[], metavar="KEY=VALUE",
                    help="parameter of --policy, e.g. alpha=0.1")
     m.add_argument("--batch-size", type=int, default=8,
                    help="TorchServe batchSize: requests of several sequences per forward, and the most "
@@ -39,12 +41,6 @@ def add_commands(sub: Any) -> None:
                    help="do not put the ttaserve package into the archive (install it in the worker's environment)")
     m.add_argument("--archiver", default=None, metavar="PATH", help="torch-model-archiver to run")
     m.set_defaults(run=_package_mar)
-
-
-def _param(text: str) -> tuple[str, Any]:
-    from ttaserve.cli import _param as parse
-
-    return parse(text)
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
