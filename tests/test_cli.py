@@ -31,9 +31,10 @@ REMOTE = [path for path in LEAVES if path[0] in ("policy", "sessions")]
 
 
 def _required(path: tuple[str, ...]) -> list[str]:
-    """Placeholder values for a leaf's positional arguments."""
+    """Placeholder values for a leaf's positional arguments and required options."""
     positionals = [a for a in LEAVES[path]._actions if not a.option_strings and a.required]
-    return [a.choices[0] if a.choices else "x" for a in positionals]  # type: ignore[index]
+    options = [[a.option_strings[0], "x"] for a in LEAVES[path]._actions if a.option_strings and a.required]
+    return [a.choices[0] if a.choices else "x" for a in positionals] + sum(options, [])  # type: ignore[index]
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -43,6 +44,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def test_the_command_tree_is_what_the_docs_describe() -> None:
     assert {" ".join(p) for p in LEAVES} == {
         "serve", "ray-serve", "train-demo", "prepare", "policies", "bench accuracy", "bench perf",
+        "export-onnx", "package-mar",
         "policy list", "policy get", "policy set",
         "sessions list", "sessions show", "sessions reset", "sessions snapshot", "sessions restore"}
 
