@@ -158,7 +158,7 @@ def test_fused_batchnorm_is_refused_for_bn_policies(demo_module: torch.nn.Module
 def test_rewritten_graphs_have_no_batchnorm_left(onnx_model: OnnxModel) -> None:
     import onnx
 
-    from ttaserve.handlers.onnx_graph import rewrite
+    from ttaserve.handlers.onnx_rewrite import rewrite
     from ttaserve.handlers.onnx_rules import RULES
 
     for rule in RULES.values():

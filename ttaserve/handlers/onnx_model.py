@@ -31,14 +31,8 @@ from ttaserve.adapters.model import (
     observing,
     record_instance_moments,
 )
-from ttaserve.handlers.onnx_graph import (
-    BatchNormNode,
-    GraphInfo,
-    analyze,
-    mean_name,
-    rewrite,
-    var_name,
-)
+from ttaserve.handlers.onnx_graph import BatchNormNode, GraphInfo, analyze
+from ttaserve.handlers.onnx_rewrite import mean_name, rewrite, var_name
 from ttaserve.handlers.onnx_rules import FEATURE_POLICIES, check_policy, rule_for
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import torch
 from ttaserve.adapters.alpha_bn import AlphaBNNorm
 from ttaserve.adapters.model import AdaptiveBatchNorm2d, Unsupported
 from ttaserve.adapters.unmix_tns import UnMixNorm
-from ttaserve.handlers.onnx_graph import PREFIX, Emitter, LayerNodes, mean_name, var_name
+from ttaserve.handlers.onnx_rewrite import PREFIX, Emitter, LayerNodes, mean_name, var_name
 
 # Registered policy names that run on ONNX Runtime (aliases such as tbn resolve to these).
 POLICIES = ("source", "alpha-bn", "unmix-tns", "adanpc")
