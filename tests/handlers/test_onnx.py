@@ -177,3 +177,32 @@ def test_adanpc_needs_a_feature_tensor(demo_onnx_repo: Path) -> None:
     graph = onnx.load(str(demo_onnx_repo / "demo-onnx" / "model.onnx"))
     with pytest.raises(GraphError, match="'nope' is not a tensor"):
         analyze(graph, features="nope")
+
+
+def test_providers_are_chosen_automatically_or_from_the_config(demo_onnx_repo: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import shutil
+
+    import onnxruntime
+
+    from ttaserve.handlers.loader import ModelConfigError
+    from ttaserve.handlers.onnx_model import choose_providers
+
+    assert choose_providers(None) == ["CPUExecutionProvider"]  # no GPU here
+    # No GPU can be lent to this test: the CUDA branch is checked with what onnxruntime-gpu
+    # and torch report on a GPU machine standing in for them.
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_providers(None) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.undo()
+
+    entry = tmp_path / "m"
+    shutil.copytree(demo_onnx_repo / "demo-onnx", entry)
+    config = json.loads((entry / "config.json").read_text())
+    (entry / "config.json").write_text(json.dumps({**config, "providers": ["CPUExecutionProvider"]}))
+    assert load_model_dir(entry).model.providers == ["CPUExecutionProvider"]  # type: ignore[attr-defined]
+    (entry / "config.json").write_text(json.dumps({**config, "providers": ["NoSuchProvider"]}))
+    with pytest.raises(ModelConfigError, match="'NoSuchProvider'.* not available here; available"):
+        load_model_dir(entry)
