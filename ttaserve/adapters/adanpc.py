@@ -45,7 +45,7 @@ Choices (the paper leaves them open or the reference code differs):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -54,7 +54,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ttaserve.adapters.base import TensorState
 from ttaserve.adapters.model import ModelError, PreparedModel, normalizer
-from ttaserve.adapters.registry import register
+from ttaserve.adapters.registry import bounds, register
 from ttaserve.kernels.reference import vote
 from ttaserve.kernels.select import implementation
 
@@ -69,10 +69,10 @@ _knn_topk = implementation("knn_topk")
 
 @dataclass(frozen=True)
 class AdaNPCParams:
-    k: int = 100  # neighbours voting for each sample
-    temperature: float = 0.1  # softmax temperature over the top-k similarities
-    beta: float = 0.225  # confidence threshold; conf ≤ e/(e + C − 1), so β above that never adds
-    capacity: int = 4096  # test entries kept per session (FIFO); source entries always kept
+    k: int = field(default=100, metadata=bounds(1, 4096))  # neighbours voting for each sample
+    temperature: float = field(default=0.1, metadata=bounds(1e-6, 1e3))  # softmax temperature over the top-k similarities
+    beta: float = field(default=0.225, metadata=bounds(0.0, 1.0))  # confidence threshold; conf ≤ e/(e + C − 1), so β above that never adds
+    capacity: int = field(default=4096, metadata=bounds(0, 65536))  # test entries kept per session (FIFO); source entries always kept
 
     def __post_init__(self) -> None:
         if self.k < 1:

@@ -20,14 +20,14 @@ i.i.d. error at batch 64 and 16 stays within 1 point of the best (alpha = 0). Th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from ttaserve.adapters.base import TensorState
 from ttaserve.adapters.model import AdaptiveBatchNorm2d, NormHook, PreparedModel, normalizer
-from ttaserve.adapters.registry import register, register_alias
+from ttaserve.adapters.registry import bounds, register, register_alias
 from ttaserve.kernels.select import implementation
 
 # The whole layer (statistics, mixing, normalization) is one kernel: fused on CUDA.
@@ -36,7 +36,7 @@ _alpha_bn = implementation("alpha_bn")
 
 @dataclass(frozen=True)
 class AlphaBNParams:
-    alpha: float = 0.1  # weight of the source statistics, in [0, 1]
+    alpha: float = field(default=0.1, metadata=bounds(0.0, 1.0))  # weight of the source statistics, in [0, 1]
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:

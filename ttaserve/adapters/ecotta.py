@@ -56,7 +56,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -65,7 +65,7 @@ from torch import nn
 
 from ttaserve.adapters.base import TensorState
 from ttaserve.adapters.model import ModelError, PreparedModel, normalizer, prepare
-from ttaserve.adapters.registry import register
+from ttaserve.adapters.registry import bounds, register
 from ttaserve.kernels import batch_moments
 from ttaserve.kernels.frozen import FrozenLayers, masked_relu, mean_abs_diff
 
@@ -77,11 +77,11 @@ STATS = ("stats.loss", "stats.kept", "stats.steps")
 
 @dataclass(frozen=True)
 class EcoTTAParams:
-    lr: float = 5e-3
-    lam: float = 0.5  # weight of the self-distilled regularization
-    momentum: float = 0.9
-    entropy_margin: float = 0.4  # samples with H < entropy_margin * ln C drive the entropy loss
-    partitions: int = 0  # 0: as many as the meta-network artifact was built with
+    lr: float = field(default=5e-3, metadata=bounds(0.0, 10.0))
+    lam: float = field(default=0.5, metadata=bounds(0.0, 100.0))  # weight of the self-distilled regularization
+    momentum: float = field(default=0.9, metadata=bounds(0.0, 1.0))
+    entropy_margin: float = field(default=0.4, metadata=bounds(1e-6, 10.0))  # samples with H < entropy_margin * ln C drive the entropy loss
+    partitions: int = field(default=0, metadata=bounds(0, 64))  # 0: as many as the meta-network artifact was built with
     meta_bn_stats: str = "batch"  # "batch" (test-batch statistics) or "running" (warm-up's)
 
     def __post_init__(self) -> None:

@@ -1,8 +1,20 @@
-"""One registry of policies and one factory that validates parameters."""
+"""One registry of policies and one factory that validates parameters.
+
+Every numeric parameter declares its allowed range in its Params dataclass field, read by
+the factory (so a request, a config file, SetPolicy and a restored snapshot are all held to
+the same bounds)::
+
+    K: int = field(default=128, metadata=bounds(1, 1024))
+
+Upper bounds are what keeps one parameter from costing unbounded memory or time (a K of
+300000 stalls a worker; a snapshot claiming K=1e7 asks for gigabytes); the conformance
+test refuses a policy whose numeric parameter has none.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,6 +29,18 @@ T = TypeVar("T")
 
 class PolicyError(ValueError):
     """Unknown policy or invalid policy parameters; the message says what is allowed."""
+
+
+def bounds(low: float, high: float) -> dict[str, tuple[float, float]]:
+    """Field metadata: the parameter must lie in [low, high] (both included)."""
+    if not low <= high:
+        raise ValueError(f"bounds({low}, {high}): low must not exceed high")
+    return {"bounds": (low, high)}
+
+
+def bounds_of(f: dataclasses.Field[Any]) -> tuple[float, float] | None:
+    found = f.metadata.get("bounds")
+    return None if found is None else (found[0], found[1])
 
 
 def register(cls: T) -> T:
@@ -58,7 +82,9 @@ def param_schema(name: str) -> dict[str, dict[str, Any]]:
     schema = {}
     for f in dataclasses.fields(params_class(target)):
         default = fixed.get(f.name, f.default)
-        schema[f.name] = {"type": _type_name(f.type), "default": default, "fixed": f.name in fixed}
+        low, high = bounds_of(f) or (None, None)
+        schema[f.name] = {"type": _type_name(f.type), "default": default, "fixed": f.name in fixed,
+                          "min": low, "max": high}
     return schema
 
 
@@ -91,7 +117,7 @@ def create_adapter(name: str, model: PreparedModel | None = None, **params: Any)
         raise PolicyError(
             f"policy {target!r} has no parameter(s) {unknown}; its parameters are {sorted(known)}"
         )
-    coerced = {k: _coerce(target, known[k], v) for k, v in merged.items()}
+    coerced = {k: _checked(target, known[k], _coerce(target, known[k], v)) for k, v in merged.items()}
     try:
         adapter = _REGISTRY[target](params=params_cls(**coerced))
     except ValueError as exc:
@@ -111,6 +137,23 @@ def _resolve(name: str) -> tuple[str, dict[str, Any]]:
 
 def _type_name(tp: Any) -> str:
     return tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
+
+
+def _checked(policy: str, f: dataclasses.Field[Any], value: Any) -> Any:
+    """Refuse non-finite numbers and values outside the field's declared bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PolicyError(f"policy {policy!r}: parameter {f.name!r} must be a finite number, got {value}")
+    limits = bounds_of(f)
+    if limits is not None and not limits[0] <= value <= limits[1]:
+        raise PolicyError(f"policy {policy!r}: parameter {f.name!r} must be in "
+                          f"[{_num(limits[0])}, {_num(limits[1])}], got {_num(value)}")
+    return value
+
+
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _coerce(policy: str, f: dataclasses.Field[Any], value: Any) -> Any:

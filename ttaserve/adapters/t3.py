@@ -52,7 +52,7 @@ import math
 import threading
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -61,7 +61,7 @@ from torch import nn
 
 from ttaserve.adapters.base import TensorState
 from ttaserve.adapters.model import AdaptiveBatchNorm2d, ModelError, PreparedModel, normalizer
-from ttaserve.adapters.registry import register
+from ttaserve.adapters.registry import bounds, register
 from ttaserve.kernels import normalize
 
 GENERALIST = "t3.generalist"
@@ -73,11 +73,11 @@ _BN_TENSORS = ("running_mean", "running_var", "weight", "bias")
 
 @dataclass(frozen=True)
 class T3Params:
-    lambda_min: float = 0.75  # merge weight of the generalist when the models agree (docs/BENCHMARKS.md "Accuracy")
-    lambda_max: float = 1.0  # ... when they disagree completely (before the sigmoid band)
-    gamma: float = 0.5  # sigmoid slope on JS
+    lambda_min: float = field(default=0.75, metadata=bounds(0.0, 1.0))  # merge weight of the generalist when the models agree (docs/BENCHMARKS.md "Accuracy")
+    lambda_max: float = field(default=1.0, metadata=bounds(0.0, 1.0))  # ... when they disagree completely (before the sigmoid band)
+    gamma: float = field(default=0.5, metadata=bounds(1e-6, 1e3))  # sigmoid slope on JS
     rescale: bool = False  # map sigmoid(gamma*JS) from [0.5, sigmoid(gamma ln 2)] onto [0, 1]
-    ema_momentum: float = 0.1  # EMA of the batch-mean lambda for metrics; 0 keeps no state
+    ema_momentum: float = field(default=0.1, metadata=bounds(0.0, 1.0))  # EMA of the batch-mean lambda for metrics; 0 keeps no state
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lambda_min <= self.lambda_max <= 1.0:

@@ -31,7 +31,7 @@ trained in place):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -45,7 +45,7 @@ from ttaserve.adapters.model import (
     PreparedModel,
     normalizer,
 )
-from ttaserve.adapters.registry import register
+from ttaserve.adapters.registry import bounds, register
 from ttaserve.kernels import batch_moments, normalize
 
 ADAM_EPS = 1e-8
@@ -53,10 +53,10 @@ ADAM_EPS = 1e-8
 
 @dataclass(frozen=True)
 class TentParams:
-    lr: float = 1e-3  # Adam learning rate (the paper's CIFAR-scale value)
-    beta1: float = 0.9  # Adam first-moment decay
-    beta2: float = 0.999  # Adam second-moment decay
-    steps: int = 1  # gradient steps per batch
+    lr: float = field(default=1e-3, metadata=bounds(0.0, 10.0))  # Adam learning rate (the paper's CIFAR-scale value)
+    beta1: float = field(default=0.9, metadata=bounds(0.0, 1.0))  # Adam first-moment decay
+    beta2: float = field(default=0.999, metadata=bounds(0.0, 1.0))  # Adam second-moment decay
+    steps: int = field(default=1, metadata=bounds(1, 16))  # gradient steps per batch
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr >= 0.0):

@@ -56,14 +56,14 @@ a stream.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, cast
 
 import torch
 
 from ttaserve.adapters.base import TensorState
 from ttaserve.adapters.model import AdaptiveBatchNorm2d, NormHook, PreparedModel, normalizer
-from ttaserve.adapters.registry import register
+from ttaserve.adapters.registry import bounds, register
 from ttaserve.kernels import instance_moments, normalize
 from ttaserve.kernels.reference import soft_assignment as soft_assignment  # re-export
 from ttaserve.kernels.reference import unmixed_moments as unmixed_moments  # re-export
@@ -77,12 +77,12 @@ DEFAULT_BN_MOMENTUM = 0.1  # what torch uses; taken when a layer has momentum=No
 
 @dataclass(frozen=True)
 class UnMixTNSParams:
-    K: int = 128  # components per layer: the paper's mixed-domain value, chosen by docs/BENCHMARKS.md "Accuracy"
-    tau: float = 0.07  # softmax temperature of the cosine assignment
-    b_max: int = 64  # batch size at which m equals the layer's BN momentum
-    alpha_init: float = 0.5  # share of the source variance spread into component means
-    seed: int = 0  # seed of the component initialization
-    bn_momentum: float = -1.0  # negative: each layer's own momentum; else fixed, in [0, 1]
+    K: int = field(default=128, metadata=bounds(1, 1024))  # components per layer: the paper's mixed-domain value, chosen by docs/BENCHMARKS.md "Accuracy"
+    tau: float = field(default=0.07, metadata=bounds(1e-6, 100.0))  # softmax temperature of the cosine assignment
+    b_max: int = field(default=64, metadata=bounds(1, 65536))  # batch size at which m equals the layer's BN momentum
+    alpha_init: float = field(default=0.5, metadata=bounds(0.0, 1.0))  # share of the source variance spread into component means
+    seed: int = field(default=0, metadata=bounds(0, 2**63 - 1))  # seed of the component initialization
+    bn_momentum: float = field(default=-1.0, metadata=bounds(-1.0, 1.0))  # negative: each layer's own momentum; else fixed, in [0, 1]
 
     def __post_init__(self) -> None:
         if self.K < 1:
