@@ -33,6 +33,7 @@ def _add_policy(sub: Any) -> None:
     get = psub.add_parser("get", parents=shared, help="a model's default policy, or one sequence's")
     get.add_argument("model")
     get.add_argument("--sequence", help="sequence id (default: the model's default policy)")
+    get.add_argument("--owner", default="", help="principal owning the sequence (admin; default: yours)")
     put = psub.add_parser("set", parents=shared,
                           help="set a model's default policy, or switch one sequence (resets it)")
     put.add_argument("model")
@@ -40,6 +41,7 @@ def _add_policy(sub: Any) -> None:
     put.add_argument("--sequence", help="sequence id (default: the model's default for new sessions)")
     put.add_argument("--param", dest="params", action="append", type=param_arg, default=[],
                      metavar="KEY=VALUE", help="policy parameter; VALUE is JSON or plain text")
+    put.add_argument("--owner", default="", help="principal owning the sequence (admin; default: yours)")
     policy.set_defaults(run=_policy)
 
 
@@ -50,6 +52,7 @@ def _add_sessions(sub: Any) -> None:
     ssub = sessions.add_subparsers(dest="action", required=True)
     listing = ssub.add_parser("list", parents=shared, help="live sessions with policy, counters and drift")
     listing.add_argument("--model", default="")
+    listing.add_argument("--owner", default="", help="only this principal's sessions (admin)")
     for name, text in (("show", "drift signals and counters of one session"),
                        ("reset", "restore a session's initial state"),
                        ("snapshot", "write a session's state to a file"),
@@ -57,6 +60,7 @@ def _add_sessions(sub: Any) -> None:
         p = ssub.add_parser(name, parents=shared, help=text)
         p.add_argument("model")
         p.add_argument("sequence")
+        p.add_argument("--owner", default="", help="principal owning the sequence (admin; default: yours)")
         if name in ("snapshot", "restore"):
             p.add_argument("file", help="snapshot file")
     sessions.set_defaults(run=_sessions)
@@ -105,10 +109,10 @@ def _policy(args: argparse.Namespace) -> int:
     if args.action == "list":
         _emit_policies(args, client.list_policies())
     elif args.action == "get":
-        info = client.get_policy(args.model, args.sequence)
+        info = client.get_policy(args.model, args.sequence, args.owner)
         _emit(args, info, _policy_line(info))
     else:
-        info = client.set_policy(args.model, args.policy, dict(args.params), args.sequence)
+        info = client.set_policy(args.model, args.policy, dict(args.params), args.sequence, args.owner)
         _emit(args, info, _policy_line(info))
     return 0
 
@@ -122,13 +126,13 @@ def _emit_policies(args: argparse.Namespace, response: Any) -> None:
 def _sessions(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.action == "list":
-        response = client.list_sessions(args.model)
-        rows = [(s.model, _seq(s.sequence_id), s.policy, s.batches, s.samples, f"{s.drift_score:.3f}",
+        response = client.list_sessions(args.model, args.owner)
+        rows = [(s.model, s.owner, _seq(s.sequence_id), s.policy, s.batches, s.samples, f"{s.drift_score:.3f}",
                  f"{s.entropy:.3f}", s.resets, f"{s.idle_seconds:.0f}s") for s in response.sessions]
-        _emit(args, response, _table(("MODEL", "SEQUENCE", "POLICY", "BATCHES", "SAMPLES", "DRIFT",
+        _emit(args, response, _table(("MODEL", "OWNER", "SEQUENCE", "POLICY", "BATCHES", "SAMPLES", "DRIFT",
                                       "ENTROPY", "RESETS", "IDLE"), rows))
     elif args.action == "show":
-        detail = client.describe(args.model, args.sequence)
+        detail = client.describe(args.model, args.sequence, args.owner)
         lines = [f"{detail.info.model} sequence {args.sequence}: {detail.info.policy}, "
                  f"{detail.info.batches} batches, {detail.info.samples} samples, "
                  f"{detail.info.state_bytes} bytes of state"]
@@ -136,23 +140,23 @@ def _sessions(args: argparse.Namespace) -> int:
         lines += [f"  resets[{k}] = {v}" for k, v in sorted(detail.resets_by_reason.items())]
         _emit(args, detail, "\n".join(lines))
     elif args.action == "reset":
-        info = client.reset(args.model, args.sequence)
+        info = client.reset(args.model, args.sequence, args.owner)
         _emit(args, info, f"reset {info.model} sequence {args.sequence} ({info.policy})")
     elif args.action == "snapshot":
-        data = client.snapshot(args.model, args.sequence)
+        data = client.snapshot(args.model, args.sequence, args.owner)
         with open(args.file, "wb") as f:
             f.write(data)
         print(f"wrote {len(data)} bytes to {args.file}", file=sys.stderr)
     else:
         with open(args.file, "rb") as f:
-            info = client.restore(args.model, args.sequence, f.read())
+            info = client.restore(args.model, args.sequence, f.read(), args.owner)
         _emit(args, info, f"restored {info.model} sequence {args.sequence} ({info.policy}, {info.batches} batches)")
     return 0
 
 
 def _seq(ref: Any) -> str:
     kind = ref.WhichOneof("kind")
-    return str(getattr(ref, kind)) if kind else "-"
+    return str(getattr(ref, kind)) if kind else "(stream)"
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:

@@ -13,7 +13,24 @@ SETTINGS_FIELDS = (
     "max_batch_size", "session_idle_s", "max_sessions", "strict_sequences", "grace_s", "torch_threads",
     "batch_delay_us", "auth_token_file", "tls_cert", "tls_key", "tls_client_ca", "max_concurrent_rpcs",
     "max_queue", "request_timeout_s", "outlier_divergence", "state_dir", "state_interval_s",
+    "state_max_bytes", "state_max_file_bytes", "state_ttl_s", "max_session_memory", "secret_file",
 )
+
+_UNITS = {"": 1, "K": 1000, "KB": 1000, "KIB": 1 << 10, "M": 10**6, "MB": 10**6, "MIB": 1 << 20,
+          "G": 10**9, "GB": 10**9, "GIB": 1 << 30}
+
+
+def byte_count(text: str) -> int:
+    """A byte count: 1073741824, 1GiB, 512MiB, 500MB ..."""
+    number = text.rstrip("KMGBibkmg")
+    unit = text[len(number):].upper()
+    try:
+        value = int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a byte count such as 1GiB or 512MiB, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a byte count cannot be negative")
+    return value
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -69,9 +86,22 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
                    help="persist sessions here and restore them at start")
     p.add_argument("--state-interval", dest="state_interval_s", type=float, default=None,
                    metavar="SECONDS", help="write changed sessions this often (default 30)")
+    p.add_argument("--state-max-bytes", type=byte_count, default=None, metavar="BYTES",
+                   help="all state files together (default 1GiB; 0 = unbounded)")
+    p.add_argument("--state-max-file-bytes", type=byte_count, default=None, metavar="BYTES",
+                   help="largest state file read or written (default 64MiB)")
+    p.add_argument("--state-ttl", dest="state_ttl_s", type=float, default=None, metavar="SECONDS",
+                   help="delete files of sessions that are not live past this age (default 86400; 0 = never)")
+    p.add_argument("--max-session-memory", type=byte_count, default=None, metavar="BYTES",
+                   help="session state per model before the least recently used sessions are "
+                   "evicted (default 1GiB; 0 = no budget)")
+    p.add_argument("--secret-file", default=None, metavar="FILE",
+                   help="secret that signs snapshots and state files (default: DIR/.secret under "
+                   "--state-dir, else per process); replicas exchanging snapshots need the same")
     p.add_argument("--auth-token-file", default=None, metavar="FILE",
-                   help="lines '<inference|admin> <token>'; also TTASERVE_INFERENCE_TOKENS / "
-                   "TTASERVE_ADMIN_TOKENS (comma-separated). With any token, auth is on")
+                   help="lines '<inference|admin> <token> [name=<principal>]'; also "
+                   "TTASERVE_INFERENCE_TOKENS / TTASERVE_ADMIN_TOKENS (comma-separated). With any "
+                   "token, auth is on and sessions belong to the token's principal")
     p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve TLS with this certificate")
     p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--tls-client-ca", default=None, metavar="PEM",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import grpc
@@ -12,14 +13,16 @@ from ttaserve.proto import control_pb2 as pb
 from ttaserve.proto import control_pb2_grpc as pb_grpc
 
 DEFAULT_URL = "127.0.0.1:8001"
+_NUMBER = re.compile(r"-?[0-9]{1,20}")  # ASCII digits only ('٣'.isdigit() is True too)
 
 
 def sequence_ref(raw: str | int | None) -> pb.SequenceId | None:
-    """CLI text -> SequenceId: digits are numbers (as tritonclient sends ints), else text."""
+    """CLI text -> SequenceId: ASCII digits are numbers (as tritonclient sends ints), else text."""
     if raw is None or raw == "":
         return None
-    text = str(raw)
-    return pb.SequenceId(number=int(text)) if text.lstrip("-").isdigit() else pb.SequenceId(text=text)
+    if isinstance(raw, int):
+        return pb.SequenceId(number=raw)
+    return pb.SequenceId(number=int(raw)) if _NUMBER.fullmatch(raw) else pb.SequenceId(text=raw)
 
 
 class ControlClient:
@@ -40,28 +43,32 @@ class ControlClient:
     def list_policies(self) -> pb.ListPoliciesResponse:
         return self._call("ListPolicies", pb.ListPoliciesRequest())
 
-    def get_policy(self, model: str, sequence: str | int | None = None) -> pb.PolicyInfo:
-        return self._call("GetPolicy", pb.GetPolicyRequest(model=model, sequence_id=sequence_ref(sequence)))
+    # ``owner``: the principal whose session is meant (admin tokens only); "" = your own.
+    def get_policy(self, model: str, sequence: str | int | None = None, owner: str = "") -> pb.PolicyInfo:
+        return self._call("GetPolicy", pb.GetPolicyRequest(model=model, sequence_id=sequence_ref(sequence),
+                                                           owner=owner))
 
     def set_policy(self, model: str, policy: str, params: dict[str, Any] | None = None,
-                   sequence: str | int | None = None) -> pb.PolicyInfo:
+                   sequence: str | int | None = None, owner: str = "") -> pb.PolicyInfo:
         encoded = {k: json.dumps(v) for k, v in (params or {}).items()}
         return self._call("SetPolicy", pb.SetPolicyRequest(
-            model=model, policy=policy, params_json=encoded, sequence_id=sequence_ref(sequence)))
+            model=model, policy=policy, params_json=encoded, sequence_id=sequence_ref(sequence), owner=owner))
 
-    def list_sessions(self, model: str = "") -> pb.ListSessionsResponse:
-        return self._call("ListSessions", pb.ListSessionsRequest(model=model))
+    def list_sessions(self, model: str = "", owner: str = "") -> pb.ListSessionsResponse:
+        return self._call("ListSessions", pb.ListSessionsRequest(model=model, owner=owner))
 
-    def describe(self, model: str, sequence: str | int) -> pb.SessionDetail:
-        return self._call("DescribeSession", pb.SessionRef(model=model, sequence_id=sequence_ref(sequence)))
+    def describe(self, model: str, sequence: str | int, owner: str = "") -> pb.SessionDetail:
+        return self._call("DescribeSession", _ref(model, sequence, owner))
 
-    def reset(self, model: str, sequence: str | int) -> pb.SessionInfo:
-        return self._call("ResetSession", pb.SessionRef(model=model, sequence_id=sequence_ref(sequence)))
+    def reset(self, model: str, sequence: str | int, owner: str = "") -> pb.SessionInfo:
+        return self._call("ResetSession", _ref(model, sequence, owner))
 
-    def snapshot(self, model: str, sequence: str | int) -> bytes:
-        ref = pb.SessionRef(model=model, sequence_id=sequence_ref(sequence))
-        return bytes(self._call("SnapshotSession", ref).data)
+    def snapshot(self, model: str, sequence: str | int, owner: str = "") -> bytes:
+        return bytes(self._call("SnapshotSession", _ref(model, sequence, owner)).data)
 
-    def restore(self, model: str, sequence: str | int, data: bytes) -> pb.SessionInfo:
-        target = pb.SessionRef(model=model, sequence_id=sequence_ref(sequence))
-        return self._call("RestoreSession", pb.RestoreSessionRequest(target=target, data=data))
+    def restore(self, model: str, sequence: str | int, data: bytes, owner: str = "") -> pb.SessionInfo:
+        return self._call("RestoreSession", pb.RestoreSessionRequest(target=_ref(model, sequence, owner), data=data))
+
+
+def _ref(model: str, sequence: str | int, owner: str) -> pb.SessionRef:
+    return pb.SessionRef(model=model, sequence_id=sequence_ref(sequence), owner=owner)

@@ -33,3 +33,10 @@ class Unauthenticated(TTAServeError):
 
 class PermissionDenied(TTAServeError):
     """Valid credentials without the scope the call needs."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters: messages
+    echo client input, which must not make them unboundedly long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"

@@ -108,6 +108,14 @@ class SessionStore:
             self._notify([(session, "end")])
         return session
 
+    def evict(self, sequence_id: SequenceId) -> Session | None:
+        """Remove a session to free memory; ``on_drop`` hears "evicted", as for the count cap."""
+        with self._lock:
+            session = self._sessions.pop(sequence_id, None)
+        if session is not None:
+            self._notify([(session, "evicted")])
+        return session
+
     def expire_idle(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
         with self._lock:

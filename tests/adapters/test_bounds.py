@@ -34,7 +34,7 @@ def test_values_outside_bounds_and_non_finite_values_are_refused(policy: str) ->
             continue
         high = bounds_of(f)[1]  # type: ignore[index]
         above = high + 1 if str(f.type) == "int" else high * 2 + 1
-        with pytest.raises(PolicyError, match=f"parameter '{f.name}' must be in"):
+        with pytest.raises(PolicyError, match=f": {f.name} must be in"):
             create_adapter(policy, **{f.name: above})
         if str(f.type) == "float":
             for bad in (math.nan, math.inf):
@@ -43,9 +43,9 @@ def test_values_outside_bounds_and_non_finite_values_are_refused(policy: str) ->
 
 
 def test_the_reported_stalls_are_refused() -> None:
-    with pytest.raises(PolicyError, match=r"'K' must be in \[1, 1024\], got 300000"):
+    with pytest.raises(PolicyError, match=r"K must be in \[1, 1024\], got 300000"):
         create_adapter("unmix-tns", K=300000)
-    with pytest.raises(PolicyError, match="'K'"):
+    with pytest.raises(PolicyError, match="K must be in"):
         create_adapter("unmix-tns", K=10_000_000.0)  # a float that is a whole number is an int
-    with pytest.raises(PolicyError, match="'steps'"):
+    with pytest.raises(PolicyError, match="steps must be in"):
         create_adapter("tent", steps=10**6)

@@ -22,6 +22,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from ttaserve.server.app import Server, start
+from ttaserve.server.auth import ANONYMOUS
+from ttaserve.server.keys import SessionKey
 from ttaserve.server.settings import ServerSettings
 
 
@@ -44,6 +46,10 @@ class Handle:
 
     def engine(self, model: str = "demo") -> Any:
         return self.server.repository.get(model).engine
+
+    def session(self, sequence_id: int | str, owner: str = ANONYMOUS, model: str = "demo") -> Any:
+        """The live session a client of ``owner`` reaches with ``sequence_id`` (or None)."""
+        return self.engine(model).sessions.get(SessionKey(owner, sequence_id))
 
     def call(self, coro: Any, timeout: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

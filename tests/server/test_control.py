@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -43,8 +44,8 @@ def test_model_default_policy_applies_to_new_sessions_only(served: Handle, contr
     try:
         assert info.policy == "alpha-bn" and json.loads(info.params_json["alpha"]) == 0.3
         client.infer("demo", [x], sequence_id=502)
-        assert served.engine().sessions.get(502).params == {"alpha": 0.3}
-        assert served.engine().sessions.get(501).policy == "source"
+        assert served.session(502).params == {"alpha": 0.3}
+        assert served.session(501).policy == "source"
         assert control.get_policy("demo").policy == "alpha-bn"
     finally:
         control.set_policy("demo", "source")
@@ -54,9 +55,9 @@ def test_sequence_policy_switch_resets_that_session(served: Handle, control: Con
     client = served.client()
     for seed in range(3):
         client.infer("demo", [infer_input(noisy(8, seed))], sequence_id=601, parameters={"tta_policy": "tent"})
-    assert served.engine().sessions.get(601).batches == 3
+    assert served.session(601).batches == 3
     info = control.set_policy("demo", "unmix-tns", {"K": 4}, sequence=601)
-    session = served.engine().sessions.get(601)
+    session = served.session(601)
     assert info.policy == "unmix-tns" and session.policy == "unmix-tns" and session.batches == 0
     assert control.get_policy("demo", 601).policy == "unmix-tns"
 
@@ -74,9 +75,9 @@ def test_sessions_list_describe_reset(served: Handle, control: ControlClient) ->
     assert {"entropy", "norm_divergence", "label_shift"} <= set(detail.signals)
     assert len(detail.layer_divergence) == 11
     engine = served.engine()
-    fresh = engine.sessions.get("cam-9").adapter.init_state(engine.model)
+    fresh = served.session("cam-9").adapter.init_state(engine.model)
     control.reset("demo", "cam-9")
-    state = engine.sessions.get("cam-9").state
+    state = served.session("cam-9").state
     assert all(torch.equal(state[k], fresh[k]) for k in fresh)
     assert control.describe("demo", "cam-9").resets_by_reason["operator"] == 1
     with pytest.raises(grpc.RpcError) as err:
@@ -101,16 +102,22 @@ def _clean(n: int, seed: int) -> np.ndarray:
     return x[seed * n:(seed + 1) * n].numpy()
 
 
-def test_snapshot_moves_a_session_between_replicas(served: Handle, control: ControlClient) -> None:
-    client = served.client()
+def test_snapshot_moves_a_session_between_replicas(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("a" * 64)
     stream = [noisy(8, s) for s in range(4)]
-    for x in stream[:3]:
-        client.infer("demo", [infer_input(x)], sequence_id=801, parameters={"tta_policy": "unmix-tns"})
-    data = control.snapshot("demo", 801)
-    with running_server() as other:
-        ControlClient(other.url).restore("demo", 801, data)
-        moved = other.client().infer("demo", [infer_input(stream[3])], sequence_id=801)
-    stayed = client.infer("demo", [infer_input(stream[3])], sequence_id=801)
+    with running_server(secret_file=str(secret)) as one, running_server(secret_file=str(secret)) as two:
+        client = one.client()
+        for x in stream[:3]:
+            client.infer("demo", [infer_input(x)], sequence_id=801, parameters={"tta_policy": "unmix-tns"})
+        data = ControlClient(one.url).snapshot("demo", 801)
+        with pytest.raises(grpc.RpcError) as err:  # a replica with another secret refuses it
+            with running_server() as stranger:
+                ControlClient(stranger.url).restore("demo", 801, data)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--secret-file" in err.value.details()
+        ControlClient(two.url).restore("demo", 801, data)
+        moved = two.client().infer("demo", [infer_input(stream[3])], sequence_id=801)
+        stayed = client.infer("demo", [infer_input(stream[3])], sequence_id=801)
     np.testing.assert_array_equal(moved.as_numpy("logits"), stayed.as_numpy("logits"))
 
 
@@ -118,12 +125,12 @@ def test_corrupt_snapshot_is_rejected_and_changes_nothing(served: Handle, contro
     client = served.client()
     client.infer("demo", [infer_input(noisy(8, 1))], sequence_id=901, parameters={"tta_policy": "unmix-tns"})
     data = bytearray(control.snapshot("demo", 901))
-    before = served.engine().sessions.get(901).state.state_dict()
+    before = served.session(901).state.state_dict()
     data[-5] ^= 0xFF
     with pytest.raises(grpc.RpcError) as err:
         control.restore("demo", 901, bytes(data))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "checksum" in err.value.details()
-    after = served.engine().sessions.get(901).state
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "signature" in err.value.details()
+    after = served.session(901).state
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -187,8 +194,9 @@ def test_scopes(secured: Handle) -> None:
     reply = client.infer("demo", [infer_input(images(2))], sequence_id=4242, headers=headers)
     assert reply.as_numpy("logits").shape == (2, 10)
     with pytest.raises(grpc.RpcError) as err:
-        ControlClient(secured.url, "infer-token").list_sessions()
+        ControlClient(secured.url, "infer-token").reset("demo", 1)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert ControlClient(secured.url, "infer-token").list_sessions() is not None  # its own sessions
     with pytest.raises(grpc.RpcError) as err:
         ControlClient(secured.url).list_sessions()
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED

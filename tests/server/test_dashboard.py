@@ -16,7 +16,7 @@ import pytest
 
 from tests.server.conftest import Handle, images, infer_input, running_server
 from ttaserve.errors import PermissionDenied, Unauthenticated
-from ttaserve.server.auth import Tokens
+from ttaserve.server.auth import Tokens, default_name
 from ttaserve.server.dashboard import is_loopback, refuse_reset
 
 
@@ -108,7 +108,7 @@ def test_reset_over_http_clears_the_session_signals() -> None:
         status, body = http(handle, f"/api/sessions/demo/{quote('a/b é', safe='')}/reset", "POST")
         assert status == 200
         assert body["session"]["resets"] == 1 and body["session"]["drift"] is None
-        session = handle.engine().sessions.get("a/b é")
+        session = handle.session("a/b é")
         assert session.drift is None and session.resets["operator"] == 1
         assert 'ttaserve_session_resets_total{model="demo",policy="alpha-bn",reason="operator"} 1.0' in http(handle, "/metrics")[1]
 
@@ -123,10 +123,10 @@ def test_reset_over_http_clears_the_session_signals() -> None:
     ("/api/sessions/demo/11/reset", "POST", {"Host": "evil.example:8002"}, 403),
 ])
 def test_bad_requests_change_nothing(served: Handle, path: str, method: str, headers: dict[str, str], status: int) -> None:
-    before = served.engine().sessions.get(11).resets.copy()
+    before = served.session(11).resets.copy()
     code, body = http(served, path, method, headers)
     assert code == status and body["error"]
-    assert served.engine().sessions.get(11).resets == before
+    assert served.session(11).resets == before
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +142,11 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Handle]:
 @pytest.mark.parametrize(("token", "status"), [(None, 401), ("wrong", 401), ("infer-token", 403), ("admin-token", 200)])
 def test_reset_with_tokens_needs_an_admin_token(secured: Handle, token: str | None, status: int) -> None:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    code, body = http(secured, "/api/sessions/demo/5/reset", "POST", headers)
+    owner = default_name(b"infer-token")  # the principal of the token that sent sequence 5
+    code, body = http(secured, f"/api/sessions/demo/5/reset?owner={owner}", "POST", headers)
     assert code == status
-    assert http(secured, "/api/summary")[1]["reset"] == "admin-token"
+    admin = {"Authorization": "Bearer admin-token"}
+    assert http(secured, "/api/summary", headers=admin)[1]["reset"] == "admin-token"
 
 
 def test_reset_policy_without_tokens() -> None:

@@ -12,6 +12,7 @@ from tritonclient.utils import InferenceServerException
 from tests.server.conftest import Handle, images, infer_input, running_server
 from ttaserve import Engine
 from ttaserve.models import CLASS_NAMES, demo
+from ttaserve.server.keys import SessionKey
 
 
 def test_health_and_metadata(served: Handle) -> None:
@@ -57,26 +58,26 @@ def test_sequence_lifecycle(served: Handle) -> None:
     client, sessions = served.client(), served.engine().sessions
     x = infer_input(images(4))
     client.infer("demo", [x], sequence_id=41, sequence_start=True, parameters={"tta_policy": "tbn"})
-    assert sessions.get(41).policy == "alpha-bn" and sessions.get(41).batches == 1
+    assert sessions.get(key(41)).policy == "alpha-bn" and sessions.get(key(41)).batches == 1
     client.infer("demo", [x], sequence_id=41)
-    assert sessions.get(41).batches == 2
+    assert sessions.get(key(41)).batches == 2
     client.infer("demo", [x], sequence_id=41, sequence_start=True)  # restart: a fresh session
-    assert sessions.get(41).batches == 1
+    assert sessions.get(key(41)).batches == 1
     client.infer("demo", [x], sequence_id=41, sequence_end=True)
-    assert sessions.get(41) is None
+    assert sessions.get(key(41)) is None
     client.infer("demo", [x], sequence_id="camera-7")  # an unseen (string) id starts a session
-    assert sessions.get("camera-7").batches == 1
+    assert sessions.get(key("camera-7")).batches == 1
     client.infer("demo", [x])  # no sequence id: nothing kept
-    assert sessions.get(0) is None
+    assert sessions.get(key(0)) is None
 
 
 def test_tta_adapt_false_leaves_state_unchanged(served: Handle) -> None:
     client, sessions = served.client(), served.engine().sessions
     x = infer_input(images(4))
     client.infer("demo", [x], sequence_id=77, sequence_start=True)
-    before = sessions.get(77).state.state_dict()
+    before = sessions.get(key(77)).state.state_dict()
     client.infer("demo", [x], sequence_id=77, parameters={"tta_adapt": False})
-    after = sessions.get(77).state.state_dict()
+    after = sessions.get(key(77)).state.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -134,9 +135,9 @@ def test_idle_sessions_expire() -> None:
     with running_server(session_idle_s=0.2) as handle:
         handle.client().infer("demo", [infer_input(images(2))], sequence_id=8)
         sessions = handle.engine().sessions
-        assert sessions.get(8) is not None
+        assert sessions.get(key(8)) is not None
         time.sleep(0.3)
-        assert sessions.expire_idle() == 1 and sessions.get(8) is None
+        assert sessions.expire_idle() == 1 and sessions.get(key(8)) is None
 
 
 def test_typed_contents_are_accepted(served: Handle) -> None:
@@ -152,3 +153,8 @@ def test_typed_contents_are_accepted(served: Handle) -> None:
         response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
     logits = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(2, 10)
     np.testing.assert_array_equal(logits, Engine(demo()).predict(torch.from_numpy(x)).numpy())
+
+
+def key(sequence_id: int | str) -> SessionKey:
+    """The engine key of an unauthenticated client's sequence (server/keys.py)."""
+    return SessionKey("anonymous", sequence_id)

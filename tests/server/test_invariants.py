@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.server.conftest import Handle, images, infer_input, running_server
 from ttaserve.adapters import policy_names
+from ttaserve.server.keys import SessionKey
 
 
 def _stream(handle: Handle, requests: list[tuple[object, np.ndarray, str]]) -> list[bytes]:
@@ -127,13 +128,13 @@ def test_bad_request_is_rejected_and_changes_nothing(
     with grpc.insecure_channel(served.url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         stub.ModelInfer(_raw_request())  # a good request creates the session
-        before = {k: v.clone() for k, v in sessions.get(31337).state.items()}
-        batches = sessions.get(31337).batches
+        before = {k: v.clone() for k, v in sessions.get(key(31337)).state.items()}
+        batches = sessions.get(key(31337)).batches
         with pytest.raises(grpc.RpcError) as err:
             stub.ModelInfer(_raw_request(**changes))
     assert err.value.code() == code
     assert message in err.value.details()
-    session = sessions.get(31337)
+    session = sessions.get(key(31337))
     assert session.batches == batches
     assert all(torch.equal(before[k], session.state[k]) for k in before)
 
@@ -153,7 +154,7 @@ def test_stream_survives_malformed_messages(served: Handle) -> None:
     errors = [e for _, e in outcomes]
     assert errors[0] is None and errors[2] is None and errors[4] is None
     assert "NaN or Inf" in str(errors[1]) and "has shape" in str(errors[3])
-    assert served.engine().sessions.get(4242).batches == 3  # only the good requests counted
+    assert served.session(4242).batches == 3  # only the good requests counted
 
 
 def test_stream_scoped_session_ends_with_the_stream(served: Handle) -> None:
@@ -164,16 +165,16 @@ def test_stream_scoped_session_ends_with_the_stream(served: Handle) -> None:
         for seed in range(3):  # no sequence id: one session scoped to this stream
             client.async_stream_infer("demo", [infer_input(images(2, seed))])
         assert all(results.get(timeout=30)[1] is None for _ in range(3))
-        scoped = [s for s in served.engine().sessions.live() if str(s.sequence_id).startswith("_stream:")]
+        scoped = [s for s in served.engine().sessions.live() if s.sequence_id.scoped]
         assert len(scoped) == 1 and scoped[0].batches == 3
     finally:
         client.stop_stream()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(
-        str(s.sequence_id).startswith("_stream:") for s in served.engine().sessions.live()
+        s.sequence_id.scoped for s in served.engine().sessions.live()
     ):
         time.sleep(0.05)
-    assert not any(str(s.sequence_id).startswith("_stream:") for s in served.engine().sessions.live())
+    assert not any(s.sequence_id.scoped for s in served.engine().sessions.live())
 
 
 def test_oversized_message_is_resource_exhausted() -> None:
@@ -204,3 +205,8 @@ def test_graceful_shutdown_finishes_in_flight_requests() -> None:
             result, error = pending.get(timeout=10)
             stopping.join(10)
         assert error is None and result.as_numpy("logits").shape == (4, 10)
+
+
+def key(sequence_id: int | str) -> SessionKey:
+    """The engine key of an unauthenticated client's sequence (server/keys.py)."""
+    return SessionKey("anonymous", sequence_id)

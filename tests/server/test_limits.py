@@ -63,7 +63,7 @@ def test_queue_cap_refuses_with_resource_exhausted() -> None:
             stub.ModelInfer(_request(2), timeout=10)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "--max-queue=1" in err.value.details()
-        assert model.engine.sessions.get(2) is None
+        assert handle.session(2) is None
         release.set()
         assert not isinstance(first.get(timeout=30), Exception)
         text = urllib.request.urlopen(handle.metrics_url, timeout=10).read().decode()
@@ -82,7 +82,7 @@ def test_timeout_parameter_expires_queued_request_without_running_it() -> None:
         assert isinstance(outcome, grpc.RpcError)
         assert outcome.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "was not run" in outcome.details()
-        assert handle.engine().sessions.get(5) is None
+        assert handle.session(5) is None
 
 
 def test_client_deadline_is_honoured_in_the_queue() -> None:
@@ -95,7 +95,7 @@ def test_client_deadline_is_honoured_in_the_queue() -> None:
         assert outcome.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         release.set()
         stub.ModelInfer(_request(7), timeout=30)  # the worker has drained the late one
-        assert handle.engine().sessions.get(6) is None
+        assert handle.session(6) is None
 
 
 def test_concurrent_rpc_cap_refuses_and_health_still_answers() -> None:
@@ -126,7 +126,7 @@ def test_batch_over_the_cap_is_resource_exhausted(served: Handle) -> None:
         served.client().infer("demo", [infer_input(x)], sequence_id=77)
     assert "RESOURCE_EXHAUSTED" in str(err.value.status())
     assert "--max-batch-size=256" in str(err.value.message())
-    assert served.engine().sessions.get(77) is None
+    assert served.session(77) is None
 
 
 def test_garbage_bytes_are_invalid_argument(served: Handle) -> None:

@@ -14,12 +14,8 @@ import pytest
 
 from tests.server.conftest import Handle, images, infer_input, running_server, start_process
 from ttaserve import snapshot
-from ttaserve.server.persistence import (
-    CorruptStateFile,
-    decode_file,
-    encode_file,
-    file_name,
-)
+from ttaserve.server.keys import SessionKey
+from ttaserve.server.state_files import CorruptStateFile, decode_file, encode_file, file_name
 
 
 def _send(handle_or_url: Handle | str, sequence_id: object, x: np.ndarray, policy: str = "tent",
@@ -33,11 +29,15 @@ def _send(handle_or_url: Handle | str, sequence_id: object, x: np.ndarray, polic
     return result.as_numpy("logits").tobytes()
 
 
-def _batches_on_disk(directory: Path, sequence_id: object) -> int | None:
-    path = directory / "demo" / file_name(sequence_id)  # type: ignore[arg-type]
+def _path(directory: Path, sequence_id: int | str) -> Path:
+    return directory / "demo" / file_name(key(sequence_id))
+
+
+def _batches_on_disk(directory: Path, sequence_id: int | str) -> int | None:
+    path = _path(directory, sequence_id)
     if not path.exists():
         return None
-    _, _, snap = decode_file(path.read_bytes())
+    _, _, snap = decode_file((directory / ".secret").read_bytes().strip(), path.read_bytes())
     return int(snapshot.decode(snap)[0]["batches"])
 
 
@@ -49,14 +49,17 @@ def _wait_for(condition, timeout: float = 30) -> None:  # type: ignore[no-untype
 
 
 def test_file_format_detects_corruption_and_truncation() -> None:
-    data = encode_file("demo", "cam-1", b"snapshot bytes")
-    assert decode_file(data) == ("demo", "cam-1", b"snapshot bytes")
+    secret = b"s" * 32
+    data = encode_file(secret, "demo", key("cam-1"), b"snapshot bytes")
+    assert decode_file(secret, data) == ("demo", key("cam-1"), b"snapshot bytes")
     flipped = bytearray(data)
     flipped[-3] ^= 0x01
     for bad in (bytes(flipped), data[:-5], data[:10], b"", b"TTSF\x09" + data[5:]):
         with pytest.raises(CorruptStateFile):
-            decode_file(bad)
-    assert file_name(5) != file_name("5")
+            decode_file(secret, bad)
+    with pytest.raises(CorruptStateFile, match="signature"):  # another server's secret
+        decode_file(b"t" * 32, data)
+    assert file_name(key(5)) != file_name(key("5"))
 
 
 def test_sessions_survive_a_graceful_restart(tmp_path: Path) -> None:
@@ -71,7 +74,7 @@ def test_sessions_survive_a_graceful_restart(tmp_path: Path) -> None:
     assert _batches_on_disk(tmp_path, 7) == 4  # adapt=False requests count as batches too
     with running_server(state_dir=str(tmp_path)) as handle:
         sessions = handle.engine().sessions
-        assert sessions.get(7).batches == 4 and sessions.get("cam/é").policy == "unmix-tns"
+        assert sessions.get(key(7)).batches == 4 and sessions.get(key("cam/é")).policy == "unmix-tns"
         assert _send(handle, 7, probe) == expected[7]
         assert _send(handle, "cam/é", probe, "unmix-tns") == expected["cam/é"]
 
@@ -84,10 +87,10 @@ def test_evicted_session_comes_back_from_disk(tmp_path: Path) -> None:
         expected = _send(handle, 1, probe, adapt=False)
         _send(handle, 2, images(8, 4))
         _send(handle, 3, images(8, 5))  # evicts 1 (least recently used): written to disk
-        assert handle.engine().sessions.get(1) is None
+        assert handle.session(1) is None
         assert _batches_on_disk(tmp_path, 1) == 3
         assert _send(handle, 1, probe) == expected  # revived with its state, not fresh
-        assert handle.engine().sessions.get(1).batches == 4
+        assert handle.session(1).batches == 4
 
 
 def test_ended_sequence_leaves_no_file(tmp_path: Path) -> None:
@@ -104,15 +107,15 @@ def test_corrupt_and_truncated_files_are_skipped(tmp_path: Path) -> None:
         _send(handle, 11, images(4))
         _send(handle, 12, images(4))
         handle.call(handle.server.stop(1.0))
-    good, bad = (tmp_path / "demo" / file_name(i) for i in (11, 12))
+    good, bad = (_path(tmp_path, i) for i in (11, 12))
     data = bytearray(bad.read_bytes())
     data[len(data) // 2] ^= 0xFF
     bad.write_bytes(bytes(data))
-    truncated = tmp_path / "demo" / file_name(13)
+    truncated = _path(tmp_path, 13)
     truncated.write_bytes(good.read_bytes()[:50])
     with running_server(state_dir=str(tmp_path)) as handle:
         sessions = handle.engine().sessions
-        assert sessions.get(11).batches == 1 and sessions.get(12) is None and sessions.get(13) is None
+        assert sessions.get(key(11)).batches == 1 and sessions.get(key(12)) is None and sessions.get(key(13)) is None
         assert sorted(p.name for p in (tmp_path / "demo").glob("*.corrupt")) == sorted(
             [bad.name + ".corrupt", truncated.name + ".corrupt"])
         text = urllib.request.urlopen(handle.metrics_url, timeout=10).read().decode()
@@ -153,3 +156,8 @@ def test_sigkill_mid_stream_loses_at_most_the_last_interval(tmp_path: Path) -> N
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def key(sequence_id: int | str) -> SessionKey:
+    """The engine key of an unauthenticated client's sequence (server/keys.py)."""
+    return SessionKey("anonymous", sequence_id)

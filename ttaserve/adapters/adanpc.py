@@ -70,7 +70,7 @@ _knn_topk = implementation("knn_topk")
 @dataclass(frozen=True)
 class AdaNPCParams:
     k: int = field(default=100, metadata=bounds(1, 4096))  # neighbours voting for each sample
-    temperature: float = field(default=0.1, metadata=bounds(1e-6, 1e3))  # softmax temperature over the top-k similarities
+    temperature: float = field(default=0.1, metadata=bounds(0.0, 1e3))  # softmax temperature over the top-k similarities
     beta: float = field(default=0.225, metadata=bounds(0.0, 1.0))  # confidence threshold; conf ≤ e/(e + C − 1), so β above that never adds
     capacity: int = field(default=4096, metadata=bounds(0, 65536))  # test entries kept per session (FIFO); source entries always kept
 

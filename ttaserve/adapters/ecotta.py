@@ -80,7 +80,7 @@ class EcoTTAParams:
     lr: float = field(default=5e-3, metadata=bounds(0.0, 10.0))
     lam: float = field(default=0.5, metadata=bounds(0.0, 100.0))  # weight of the self-distilled regularization
     momentum: float = field(default=0.9, metadata=bounds(0.0, 1.0))
-    entropy_margin: float = field(default=0.4, metadata=bounds(1e-6, 10.0))  # samples with H < entropy_margin * ln C drive the entropy loss
+    entropy_margin: float = field(default=0.4, metadata=bounds(0.0, 10.0))  # samples with H < entropy_margin * ln C drive the entropy loss
     partitions: int = field(default=0, metadata=bounds(0, 64))  # 0: as many as the meta-network artifact was built with
     meta_bn_stats: str = "batch"  # "batch" (test-batch statistics) or "running" (warm-up's)
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from ttaserve.adapters.base import Adapter
 from ttaserve.adapters.model import PreparedModel
+from ttaserve.errors import shown
 
 _REGISTRY: dict[str, Callable[..., Adapter]] = {}
 _ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -115,7 +116,7 @@ def create_adapter(name: str, model: PreparedModel | None = None, **params: Any)
     unknown = sorted(set(merged) - set(known))
     if unknown:
         raise PolicyError(
-            f"policy {target!r} has no parameter(s) {unknown}; its parameters are {sorted(known)}"
+            f"policy {target!r} has no parameter(s) {shown(unknown)}; its parameters are {sorted(known)}"
         )
     coerced = {k: _checked(target, known[k], _coerce(target, known[k], v)) for k, v in merged.items()}
     try:
@@ -132,7 +133,7 @@ def _resolve(name: str) -> tuple[str, dict[str, Any]]:
         return _ALIASES[name]
     if name in _REGISTRY:
         return name, {}
-    raise PolicyError(f"unknown policy {name!r}; available: {', '.join(policy_names())}")
+    raise PolicyError(f"unknown policy {shown(name)}; available: {', '.join(policy_names())}")
 
 
 def _type_name(tp: Any) -> str:
@@ -144,10 +145,10 @@ def _checked(policy: str, f: dataclasses.Field[Any], value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return value
     if isinstance(value, float) and not math.isfinite(value):
-        raise PolicyError(f"policy {policy!r}: parameter {f.name!r} must be a finite number, got {value}")
+        raise PolicyError(f"policy {policy!r}: {f.name} must be a finite number, got {value}")
     limits = bounds_of(f)
     if limits is not None and not limits[0] <= value <= limits[1]:
-        raise PolicyError(f"policy {policy!r}: parameter {f.name!r} must be in "
+        raise PolicyError(f"policy {policy!r}: {f.name} must be in "
                           f"[{_num(limits[0])}, {_num(limits[1])}], got {_num(value)}")
     return value
 
@@ -171,4 +172,4 @@ def _coerce(policy: str, f: dataclasses.Field[Any], value: Any) -> Any:
             return value
     except (TypeError, ValueError):
         pass
-    raise PolicyError(f"policy {policy!r}: parameter {f.name!r} must be {kind}, got {value!r}")
+    raise PolicyError(f"policy {policy!r}: parameter {f.name!r} must be {kind}, got {shown(value)}")

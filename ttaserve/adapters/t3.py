@@ -75,7 +75,7 @@ _BN_TENSORS = ("running_mean", "running_var", "weight", "bias")
 class T3Params:
     lambda_min: float = field(default=0.75, metadata=bounds(0.0, 1.0))  # merge weight of the generalist when the models agree (docs/BENCHMARKS.md "Accuracy")
     lambda_max: float = field(default=1.0, metadata=bounds(0.0, 1.0))  # ... when they disagree completely (before the sigmoid band)
-    gamma: float = field(default=0.5, metadata=bounds(1e-6, 1e3))  # sigmoid slope on JS
+    gamma: float = field(default=0.5, metadata=bounds(0.0, 1e3))  # sigmoid slope on JS
     rescale: bool = False  # map sigmoid(gamma*JS) from [0.5, sigmoid(gamma ln 2)] onto [0, 1]
     ema_momentum: float = field(default=0.1, metadata=bounds(0.0, 1.0))  # EMA of the batch-mean lambda for metrics; 0 keeps no state
 

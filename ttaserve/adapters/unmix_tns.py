@@ -78,7 +78,7 @@ DEFAULT_BN_MOMENTUM = 0.1  # what torch uses; taken when a layer has momentum=No
 @dataclass(frozen=True)
 class UnMixTNSParams:
     K: int = field(default=128, metadata=bounds(1, 1024))  # components per layer: the paper's mixed-domain value, chosen by docs/BENCHMARKS.md "Accuracy"
-    tau: float = field(default=0.07, metadata=bounds(1e-6, 100.0))  # softmax temperature of the cosine assignment
+    tau: float = field(default=0.07, metadata=bounds(0.0, 100.0))  # softmax temperature of the cosine assignment
     b_max: int = field(default=64, metadata=bounds(1, 65536))  # batch size at which m equals the layer's BN momentum
     alpha_init: float = field(default=0.5, metadata=bounds(0.0, 1.0))  # share of the source variance spread into component means
     seed: int = field(default=0, metadata=bounds(0, 2**63 - 1))  # seed of the component initialization

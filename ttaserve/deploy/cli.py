@@ -59,8 +59,21 @@ def replica_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.state_dir:
         raise ValueError("ray-serve keeps sessions in --state-store (shared by all replicas), not --state-dir")
     settings = settings_from_args(args)
-    return {**dataclasses.asdict(settings), "host": args.replica_host, "grpc_port": 0,
-            "metrics_port": 0, "state_dir": None}
+    return shared_secret({**dataclasses.asdict(settings), "host": args.replica_host, "grpc_port": 0,
+                          "metrics_port": 0, "state_dir": None})
+
+
+def shared_secret(settings: dict[str, Any]) -> dict[str, Any]:
+    """Replicas verify each other's session records (server/sealing.py), so they need one
+    secret: --secret-file (a file every replica reads), else one made here for this
+    deployment. The made one lives as long as the deployment: records written under it are
+    refused after a new `ray-serve` start (their sequences start fresh); give --secret-file
+    to keep them across restarts."""
+    if settings.get("secret_file") or settings.get("secret"):
+        return settings
+    import secrets
+
+    return {**settings, "secret": secrets.token_hex(32)}
 
 
 def build_deployment(replicas: int, replica_cpus: float = 1.0, max_ongoing_requests: int = 32) -> Any:
@@ -81,7 +94,7 @@ def build_deployment(replicas: int, replica_cpus: float = 1.0, max_ongoing_reque
 def app_builder(config: dict[str, Any]) -> Any:
     """For Serve config files: ``import_path: ttaserve.deploy.cli:app_builder`` with ``args``
     ``{replicas, state_store, state_interval, settings: {ServerSettings fields}}``."""
-    settings = {**config.get("settings", {}), "grpc_port": 0, "metrics_port": 0, "state_dir": None}
+    settings = shared_secret({**config.get("settings", {}), "grpc_port": 0, "metrics_port": 0, "state_dir": None})
     deployment = build_deployment(int(config.get("replicas", 2)), float(config.get("replica_cpus", 1.0)))
     return deployment.bind(settings, str(config["state_store"]), float(config.get("state_interval", 0.0)))
 

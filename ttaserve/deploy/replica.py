@@ -25,9 +25,9 @@ from ttaserve.deploy.shared import SharedSessions
 from ttaserve.deploy.stores import SnapshotStore, open_store
 from ttaserve.proto import grpc_service_pb2 as pb
 from ttaserve.server.app import INFERENCE_SERVICE, Server, start
-from ttaserve.server.auth import Tokens
+from ttaserve.server.auth import Tokens, header_of
 from ttaserve.server.auth import check as auth_check
-from ttaserve.server.persistence import STREAM_PREFIX
+from ttaserve.server.keys import SessionKey
 from ttaserve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ class TtaserveReplica:
         self.tokens = Tokens.load(self.settings.auth_token_file)
         self.store: SnapshotStore = open_store(store_url)
         for model in self.server.repository:
-            shared = SharedSessions(self.store, model.name, model.engine, self.server.metrics, interval_s)
+            shared = SharedSessions(self.store, model.name, model.engine, self.server.metrics, interval_s,
+                                    secret=self.server.secret)
             model.state_store = shared
         loop = asyncio.get_running_loop()
         self._flusher = loop.create_task(self._flush_forever(interval_s)) if interval_s > 0 else None
@@ -114,11 +115,16 @@ class TtaserveReplica:
         metadata = grpc_context.invocation_metadata() if grpc_context is not None else ()
         return auth_check(self.tokens, f"/{INFERENCE_SERVICE}/{method}", metadata)
 
+    def _owner(self, grpc_context: Any) -> str:
+        """The principal of an authenticated call: its sessions are the ones it reaches."""
+        metadata = grpc_context.invocation_metadata() if grpc_context is not None else ()
+        return self.tokens.caller(header_of(metadata)).name
+
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context: Any = None) -> Any:
         refusal = self._refusal("ModelInfer", grpc_context)
         if refusal is not None:
             return _fail(grpc_context, *refusal, pb.ModelInferResponse())
-        response, error = await self.server.inference.infer_unary(request)
+        response, error = await self.server.inference.infer_unary(request, owner=self._owner(grpc_context))
         if error is not None:
             return _fail(grpc_context, *error, pb.ModelInferResponse())
         assert response is not None
@@ -135,14 +141,15 @@ class TtaserveReplica:
         if refusal is not None:
             _fail(grpc_context, *refusal, None)
             return
-        stream_session = f"{STREAM_PREFIX}{uuid.uuid4().hex}"
+        owner = self._owner(grpc_context)
+        stream_session = SessionKey(owner, None, uuid.uuid4().hex)
         used: set[Any] = set()
         try:
             async for request in requests:
                 if request_session_key(request) is None:
                     response, error = await self.server.inference.infer_unary(request, stream_session, used)
                 else:
-                    response, error = await self._routed(request)
+                    response, error = await self._routed(request, owner)
                 if error is not None:  # the stream stays open (Triton's default)
                     yield pb.ModelStreamInferResponse(error_message=f"[{error[0].name}] {error[1]}")
                 else:
@@ -154,23 +161,26 @@ class TtaserveReplica:
             for model in used:
                 model.engine.sessions.end(stream_session)
 
-    async def _routed(self, request: pb.ModelInferRequest) -> tuple[Any, tuple[grpc.StatusCode, str] | None]:
+    async def _routed(self, request: pb.ModelInferRequest,
+                      owner: str) -> tuple[Any, tuple[grpc.StatusCode, str] | None]:
         if self._handle is None:
             from ray import serve
 
             context = serve.get_replica_context()
             self._handle = serve.get_deployment_handle(context.deployment, context.app_name)
         try:
-            data, error = await self._handle.infer_routed.remote(request)
+            data, error = await self._handle.infer_routed.remote(request, owner)
         except Exception as exc:  # the owner died under this message: the client may retry it
             return None, (grpc.StatusCode.UNAVAILABLE, f"the replica of this sequence failed: {exc}")
         if error is not None:
             return None, (grpc.StatusCode[error[0]], error[1])
         return pb.ModelInferResponse.FromString(data), None
 
-    async def infer_routed(self, request: pb.ModelInferRequest) -> tuple[bytes | None, tuple[str, str] | None]:
-        """A stream's message, on the replica that owns its sequence (plain, picklable types)."""
-        response, error = await self.server.inference.infer_unary(request)
+    async def infer_routed(self, request: pb.ModelInferRequest,
+                           owner: str) -> tuple[bytes | None, tuple[str, str] | None]:
+        """A stream's message, on the replica that owns its sequence (plain, picklable types);
+        ``owner`` is the principal the receiving replica authenticated."""
+        response, error = await self.server.inference.infer_unary(request, owner=owner)
         if error is not None:
             return None, (error[0].name, error[1])
         assert response is not None

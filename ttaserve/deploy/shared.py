@@ -16,8 +16,11 @@ safe, for one model of one replica:
 
 So what a replica crash can lose is what was not yet written: nothing that was answered
 with write-through, at most the last interval otherwise. The record is the state-file
-format of ttaserve/server/persistence.py around ``Engine.snapshot`` bytes (versioned and
-checksummed; whatever protection those formats carry applies here too).
+format of ttaserve/server/state_files.py around ``Engine.snapshot`` bytes, signed with the
+server secret: every replica needs the same one (``ttaserve ray-serve`` gives its replicas
+one), and a record that was not written by a replica with it is refused and deleted.
+Sessions are keyed by :class:`~ttaserve.server.keys.SessionKey` (owner and sequence id);
+stream-scoped ones stay on their replica.
 """
 
 from __future__ import annotations
@@ -28,14 +31,9 @@ from typing import Any
 
 from ttaserve.deploy.stores import ANY, SnapshotStore
 from ttaserve.engine import Engine
+from ttaserve.server.keys import SessionKey
 from ttaserve.server.metrics import ServerMetrics
-from ttaserve.server.persistence import (
-    STREAM_PREFIX,
-    CorruptStateFile,
-    decode_file,
-    encode_file,
-    file_name,
-)
+from ttaserve.server.state_files import CorruptStateFile, decode_file, encode_file, file_name
 from ttaserve.sessions import SequenceId, Session
 
 log = logging.getLogger(__name__)
@@ -54,8 +52,9 @@ class SharedSessions:
     """One model's sessions on one replica, backed by a shared :class:`SnapshotStore`."""
 
     def __init__(self, store: SnapshotStore, model: str, engine: Engine,
-                 metrics: ServerMetrics | None = None, interval_s: float = 0.0) -> None:
+                 metrics: ServerMetrics | None = None, interval_s: float = 0.0, secret: bytes = b"") -> None:
         self.store, self.model, self.engine, self.metrics = store, model, engine, metrics
+        self.secret = secret
         self.write_through = interval_s <= 0
         self._lock = threading.RLock()  # order: this lock, then a session's lock
         self._tokens: dict[SequenceId, str] = {}  # token of the record we last wrote or read
@@ -100,7 +99,7 @@ class SharedSessions:
             self._release(sequence_id)
             return False
         try:
-            model, stored_id, snapshot = decode_file(record.data)
+            model, stored_id, snapshot = decode_file(self.secret, record.data)
             if model != self.model or stored_id != sequence_id:
                 raise CorruptStateFile(f"record belongs to model {model!r}, sequence {stored_id!r}")
             session = self.engine.restore(sequence_id, snapshot)
@@ -149,7 +148,8 @@ class SharedSessions:
         stamp = _stamp(session)
         if self._stamps.get(sequence_id) == stamp:
             return False
-        data = encode_file(self.model, sequence_id, self.engine.snapshot_of(session))
+        assert isinstance(sequence_id, SessionKey)  # _scoped() let only server keys through
+        data = encode_file(self.secret, self.model, sequence_id, self.engine.snapshot_of(session))
         try:
             token = self.store.write(self.key(sequence_id), data, expect=self._tokens.get(sequence_id))
         except Exception as exc:  # the store is down: inference goes on, the next write retries
@@ -195,4 +195,5 @@ class SharedSessions:
 
 
 def _scoped(sequence_id: SequenceId) -> bool:
-    return isinstance(sequence_id, str) and sequence_id.startswith(STREAM_PREFIX)
+    """Not to be shared: a stream-scoped session, or a key the server did not make."""
+    return not isinstance(sequence_id, SessionKey) or sequence_id.scoped

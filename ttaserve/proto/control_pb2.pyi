@@ -15,16 +15,20 @@ class SequenceId(_message.Message):
     def __init__(self, number: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class ParameterSchema(_message.Message):
-    __slots__ = ("name", "type", "default_json", "fixed")
+    __slots__ = ("name", "type", "default_json", "fixed", "min_json", "max_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_JSON_FIELD_NUMBER: _ClassVar[int]
     FIXED_FIELD_NUMBER: _ClassVar[int]
+    MIN_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     default_json: str
     fixed: bool
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default_json: _Optional[str] = ..., fixed: _Optional[bool] = ...) -> None: ...
+    min_json: str
+    max_json: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default_json: _Optional[str] = ..., fixed: _Optional[bool] = ..., min_json: _Optional[str] = ..., max_json: _Optional[str] = ...) -> None: ...
 
 class PolicyDescription(_message.Message):
     __slots__ = ("name", "description", "parameters")
@@ -47,15 +51,17 @@ class ListPoliciesResponse(_message.Message):
     def __init__(self, policies: _Optional[_Iterable[_Union[PolicyDescription, _Mapping]]] = ...) -> None: ...
 
 class GetPolicyRequest(_message.Message):
-    __slots__ = ("model", "sequence_id")
+    __slots__ = ("model", "sequence_id", "owner")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     model: str
     sequence_id: SequenceId
-    def __init__(self, model: _Optional[str] = ..., sequence_id: _Optional[_Union[SequenceId, _Mapping]] = ...) -> None: ...
+    owner: str
+    def __init__(self, model: _Optional[str] = ..., sequence_id: _Optional[_Union[SequenceId, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class SetPolicyRequest(_message.Message):
-    __slots__ = ("model", "sequence_id", "policy", "params_json")
+    __slots__ = ("model", "sequence_id", "policy", "params_json", "owner")
     class ParamsJsonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,14 +73,16 @@ class SetPolicyRequest(_message.Message):
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     model: str
     sequence_id: SequenceId
     policy: str
     params_json: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., sequence_id: _Optional[_Union[SequenceId, _Mapping]] = ..., policy: _Optional[str] = ..., params_json: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    owner: str
+    def __init__(self, model: _Optional[str] = ..., sequence_id: _Optional[_Union[SequenceId, _Mapping]] = ..., policy: _Optional[str] = ..., params_json: _Optional[_Mapping[str, str]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class PolicyInfo(_message.Message):
-    __slots__ = ("model", "sequence_id", "policy", "params_json")
+    __slots__ = ("model", "sequence_id", "policy", "params_json", "owner")
     class ParamsJsonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,20 +94,24 @@ class PolicyInfo(_message.Message):
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     model: str
     sequence_id: SequenceId
     policy: str
     params_json: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., sequence_id: _Optional[_Union[SequenceId, _Mapping]] = ..., policy: _Optional[str] = ..., params_json: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    owner: str
+    def __init__(self, model: _Optional[str] = ..., sequence_id: _Optional[_Union[SequenceId, _Mapping]] = ..., policy: _Optional[str] = ..., params_json: _Optional[_Mapping[str, str]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "owner")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, model: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("model", "sequence_id", "policy", "batches", "samples", "idle_seconds", "drift_score", "entropy", "resets", "state_bytes")
+    __slots__ = ("model", "sequence_id", "policy", "batches", "samples", "idle_seconds", "drift_score", "entropy", "resets", "state_bytes", "owner")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +122,7 @@ class SessionInfo(_message.Message):
     ENTROPY_FIELD_NUMBER: _ClassVar[int]
     RESETS_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     model: str
     sequence_id: SequenceId
     policy: str
@@ -120,7 +133,8 @@ class SessionInfo(_message.Message):
     entropy: float
     resets: int
     state_bytes: int
-    def __init__(self, model: _Optional[str] = ..., sequence_id: _Optional[_Union[SequenceId, _Mapping]] = ..., policy: _Optional[str] = ..., batches: _Optional[int] = ..., samples: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., drift_score: _Optional[float] = ..., entropy: _Optional[float] = ..., resets: _Optional[int] = ..., state_bytes: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, model: _Optional[str] = ..., sequence_id: _Optional[_Union[SequenceId, _Mapping]] = ..., policy: _Optional[str] = ..., batches: _Optional[int] = ..., samples: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., drift_score: _Optional[float] = ..., entropy: _Optional[float] = ..., resets: _Optional[int] = ..., state_bytes: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ListSessionsResponse(_message.Message):
     __slots__ = ("sessions",)
@@ -129,12 +143,14 @@ class ListSessionsResponse(_message.Message):
     def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
 
 class SessionRef(_message.Message):
-    __slots__ = ("model", "sequence_id")
+    __slots__ = ("model", "sequence_id", "owner")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     model: str
     sequence_id: SequenceId
-    def __init__(self, model: _Optional[str] = ..., sequence_id: _Optional[_Union[SequenceId, _Mapping]] = ...) -> None: ...
+    owner: str
+    def __init__(self, model: _Optional[str] = ..., sequence_id: _Optional[_Union[SequenceId, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class SessionDetail(_message.Message):
     __slots__ = ("info", "signals", "resets_by_reason", "layer_divergence", "params_json")

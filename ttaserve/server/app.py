@@ -19,16 +19,18 @@ from ttaserve.proto import control_pb2_grpc as control_grpc
 from ttaserve.proto import grpc_service_pb2 as pb
 from ttaserve.proto import grpc_service_pb2_grpc as pb_grpc
 from ttaserve.proto._pool import POOL
-from ttaserve.server.auth import AuthInterceptor, Tokens
+from ttaserve.server.auth import Tokens
 from ttaserve.server.control import ControlService
 from ttaserve.server.dashboard import Dashboard
+from ttaserve.server.disk_budget import DiskBudget
 from ttaserve.server.inference import InferenceService
 from ttaserve.server.limits import LimitsInterceptor
 from ttaserve.server.memory import keep_freed_memory
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.metrics_http import MetricsHTTPServer
-from ttaserve.server.persistence import StateStore
+from ttaserve.server.persistence import StateLimits, StateStore
 from ttaserve.server.repository import Repository, ServedModel
+from ttaserve.server.secret import load_secret
 from ttaserve.server.settings import ServerSettings
 from ttaserve.sessions import SessionLimits
 
@@ -59,19 +61,30 @@ class Server:
     metrics: ServerMetrics
     metrics_http: MetricsHTTPServer | None
     grpc_port: int
+    control: ControlService
     housekeeping: asyncio.Task[None] | None = None
     state_flush: asyncio.Task[None] | None = None  # periodic writes under --state-dir
+    secret: bytes = b""  # signs snapshots and state files (server/secret.py)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING first, refuse new requests, let in-flight ones finish."""
+        """Drain truthfully: health NOT_SERVING and new requests UNAVAILABLE at once;
+        requests already queued or running may finish within ``grace``; past it, those that
+        have not started are answered UNAVAILABLE without running (not applied), and the
+        server exits after at most one more forward pass per model worker."""
         grace = self.settings.grace_s if grace is None else grace
+        deadline = asyncio.get_running_loop().time() + grace
         self.inference.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(grace)
+        await _until_idle(self.repository, deadline)
+        for model in self.repository:
+            model.close()
+        await _until_idle(self.repository, None)  # refusals are immediate; at most one forward runs
+        await self.grpc_server.stop(0.5)  # answers are out; streams still open are cancelled
         if self.housekeeping is not None:
             self.housekeeping.cancel()
         if self.state_flush is not None:
             self.state_flush.cancel()
+        self.control.shutdown()
         for model in self.repository:
             model.shutdown()
         # After the workers finished: the files hold every update that was answered.
@@ -89,13 +102,13 @@ async def start(settings: ServerSettings) -> Server:
         ServedModel(m, settings.policy, settings.policy_params, limits, metrics, settings.workers_per_model,
                     settings.max_batch_size, settings.batch_delay_us / 1e6, max_queue=settings.max_queue,
                     outliers=OutlierConfig(enabled=settings.outlier_divergence > 0,
-                                           max_divergence=settings.outlier_divergence or 15.0))
+                                           max_divergence=settings.outlier_divergence or 15.0),
+                    max_session_bytes=settings.max_session_memory)
         for m in load_models(settings)
     ]
+    secret = load_secret(settings.secret_file, settings.state_dir, settings.secret)
     if settings.state_dir:
-        for model in served:
-            model.state_store = StateStore(settings.state_dir, model.name, model.engine, metrics)
-            model.state_store.restore_all()
+        _restore_states(served, settings, secret, metrics)
     repository = Repository(served)
     metrics.watch_sessions(lambda: (row for model in repository for row in model.session_signals()))
     options = [
@@ -103,15 +116,16 @@ async def start(settings: ServerSettings) -> Server:
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
     tokens = Tokens.load(settings.auth_token_file)
+    # One interceptor: auth first (an unauthenticated peer learns nothing, not even that
+    # the server is busy), then the concurrency cap, both before a request body is read.
     limits = LimitsInterceptor(settings.max_concurrent_rpcs,
-                               lambda: metrics.rejected.labels("*", "max_concurrent_rpcs").inc())
-    # Auth first: an unauthenticated peer learns nothing, not even that the server is busy.
-    interceptors = [AuthInterceptor(tokens), limits] if tokens.enabled else [limits]
-    server = grpc.aio.server(options=options, interceptors=interceptors)
+                               lambda: metrics.rejected.labels("*", "max_concurrent_rpcs").inc(), tokens)
+    server = grpc.aio.server(options=options, interceptors=[limits])
     inference = InferenceService(repository, metrics, settings.max_batch_size, settings.session_idle_s,
-                                 settings.request_timeout_s)
+                                 settings.request_timeout_s, tokens)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
-    control_grpc.add_AdaptationServiceServicer_to_server(ControlService(repository), server)
+    control = ControlService(repository, tokens, secret, lambda: inference.draining)
+    control_grpc.add_AdaptationServiceServicer_to_server(control, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -129,7 +143,7 @@ async def start(settings: ServerSettings) -> Server:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_http = None
     if settings.metrics_port >= 0:
-        dashboard = Dashboard(repository, metrics, tokens, settings.host)
+        dashboard = Dashboard(repository, metrics, tokens, settings.host, draining=lambda: inference.draining)
         metrics_http = MetricsHTTPServer(metrics.registry, settings.host, settings.metrics_port, dashboard)
     housekeeping = asyncio.get_running_loop().create_task(
         _expire_sessions(repository, settings.session_idle_s)
@@ -138,8 +152,30 @@ async def start(settings: ServerSettings) -> Server:
              settings.host, port, "+TLS" if credentials else "", "on" if tokens.enabled else "off",
              metrics_http.url if metrics_http else "off")
     return Server(settings, server, inference, health_servicer, repository, metrics,
-                  metrics_http, port, housekeeping,
-                  _start_flushing(repository, settings.state_interval_s) if settings.state_dir else None)
+                  metrics_http, port, control, housekeeping,
+                  _start_flushing(repository, settings.state_interval_s) if settings.state_dir else None,
+                  secret=secret)
+
+
+def _restore_states(served: list[ServedModel], settings: ServerSettings, secret: bytes,
+                    metrics: ServerMetrics) -> None:
+    limits = StateLimits(settings.state_max_bytes, settings.state_max_file_bytes, settings.state_ttl_s)
+    budget = DiskBudget(limits.max_bytes)
+    for model in served:
+        store = StateStore(settings.state_dir or "", model.name, model.engine, metrics, secret, limits, budget)
+        model.state_store = store
+        store.restore_all()
+        for session in model.engine.sessions.live():
+            model.sessions_changed(session.sequence_id)
+
+
+async def _until_idle(repository: Repository, deadline: float | None) -> None:
+    """Wait until no model has a request queued or running (or until ``deadline``)."""
+    loop = asyncio.get_running_loop()
+    while any(model.pending for model in repository):
+        if deadline is not None and loop.time() >= deadline:
+            return
+        await asyncio.sleep(0.01)
 
 
 def _tls_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:

@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from ttaserve.errors import InvalidInput, Overloaded
+from ttaserve.errors import InvalidInput, Overloaded, shown
 from ttaserve.handlers.spec import DATATYPES, DTYPES, ModelSpec, TensorSpec
 from ttaserve.proto import grpc_service_pb2 as pb
+from ttaserve.server.keys import check_sequence_id
 
 # Request parameters ttaserve understands, with the InferParameter fields each accepts.
 _KNOWN_PARAMS: dict[str, tuple[str, ...]] = {
@@ -54,11 +55,11 @@ def parse_parameters(params: Any) -> dict[str, Any]:
     for name, param in params.items():
         kind = param.WhichOneof("parameter_choice")
         if kind is None:
-            raise InvalidInput(f"parameter {name!r} has no value")
+            raise InvalidInput(f"parameter {shown(name)} has no value")
         allowed = _KNOWN_PARAMS.get(name)
         if allowed is None and (name.startswith("triton_") or name.startswith("tta_")):
             raise InvalidInput(
-                f"unknown parameter {name!r}; ttaserve understands "
+                f"unknown parameter {shown(name)}; ttaserve understands "
                 f"{', '.join(sorted(_KNOWN_PARAMS))}"
             )
         if allowed is not None and kind not in allowed:
@@ -85,7 +86,7 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec, max_batch: in
         target = spec.input(tensor.name)
         if target is None:
             raise InvalidInput(
-                f"unexpected input {tensor.name!r}; model {spec.name!r} takes "
+                f"unexpected input {shown(tensor.name)}; model {spec.name!r} takes "
                 f"{[t.name for t in spec.inputs]}"
             )
         if tensor.name in inputs:
@@ -98,9 +99,9 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec, max_batch: in
     outputs = tuple(o.name for o in request.outputs)
     unknown = [o for o in outputs if spec.output(o) is None]
     if unknown:
-        raise InvalidInput(f"unknown output(s) {unknown}; model {spec.name!r} returns "
+        raise InvalidInput(f"unknown output(s) {shown(unknown)}; model {spec.name!r} returns "
                            f"{[t.name for t in spec.outputs]}")
-    sequence_id = params.get("sequence_id") or None  # 0 and "" mean "no sequence"
+    sequence_id = check_sequence_id(params.get("sequence_id", 0))  # 0 and "" mean "no sequence"
     return InferRequest(
         model=request.model_name, version=request.model_version, request_id=request.id,
         inputs=inputs, outputs=outputs or tuple(t.name for t in spec.outputs),
@@ -114,13 +115,15 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec, max_batch: in
 def _decode_tensor(tensor: Any, raw: bytes | None, spec: TensorSpec, max_batch: int) -> np.ndarray:
     name = tensor.name
     if tensor.datatype != spec.datatype:
-        hint = "" if tensor.datatype in DATATYPES else f" ({tensor.datatype!r} is not a datatype)"
-        raise InvalidInput(f"input {name!r} must be {spec.datatype}, got {tensor.datatype!r}{hint}")
+        hint = "" if tensor.datatype in DATATYPES else " (not a datatype)"
+        raise InvalidInput(f"input {name!r} must be {spec.datatype}, got {shown(tensor.datatype)}{hint}")
     shape = tuple(int(d) for d in tensor.shape)
     _check_shape(name, shape, spec.shape, max_batch)
     dtype = DTYPES[spec.datatype]
     count = int(np.prod(shape))
     if raw is not None:
+        if tensor.HasField("contents"):  # Triton refuses the mix too; never ignore data silently
+            raise InvalidInput(f"input {name!r} has both contents and raw_input_contents; send one of them")
         if len(raw) != count * dtype.itemsize:
             raise InvalidInput(
                 f"input {name!r}: {len(raw)} bytes do not match shape {list(shape)} of "
@@ -145,7 +148,7 @@ def _check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...], m
         e == -1 or s == e for s, e in zip(shape[1:], expected[1:])
     )
     if not fits:
-        raise InvalidInput(f"input {name!r} has shape {list(shape)}, expected {list(expected)} "
+        raise InvalidInput(f"input {name!r} has shape {shown(list(shape))}, expected {list(expected)} "
                            "(-1: any batch size)")
     if shape[0] < 1:
         raise InvalidInput(f"input {name!r}: batch size {shape[0]} is outside 1..{max_batch}")

@@ -16,6 +16,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from ttaserve.server.keys import key_of
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.repository import Repository
 
@@ -25,16 +26,20 @@ log = logging.getLogger(__name__)
 SIGNALS = {"drift": "norm_divergence", "entropy": "entropy", "label_shift": "label_shift"}
 
 
-def session_rows(repository: Repository) -> list[dict[str, Any]]:
-    """Every live session with its policy, counters and drift signals (None before its
-    first batch or right after a reset)."""
+def session_rows(repository: Repository, owner: str | None = None) -> list[dict[str, Any]]:
+    """Every live session (of ``owner`` only, if given) with its owner, policy, counters and
+    drift signals (None before its first batch or right after a reset). Stream-scoped
+    sessions have no sequence id (None)."""
     rows = []
     now = time.monotonic()
     for model in repository:
         for session in model.engine.sessions.live():
+            key = key_of(session)
+            if owner is not None and key.owner != owner:
+                continue
             signals = model.engine.signals_of(session)
             rows.append({
-                "model": model.name, "sequence_id": session.sequence_id, "policy": session.policy,
+                "model": model.name, "owner": key.owner, "sequence_id": key.sequence_id, "policy": session.policy,
                 "batches": session.batches, "samples": session.samples,
                 "resets": sum(session.resets.values()), "idle_s": round(max(0.0, now - session.last_active), 1),
                 **{key: signals.get(name) for key, name in SIGNALS.items()},

@@ -4,7 +4,6 @@ call the model, encode; errors mapped in server/errors.py)."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,8 +14,10 @@ from ttaserve.errors import Unavailable
 from ttaserve.proto import grpc_service_pb2 as pb
 from ttaserve.proto import grpc_service_pb2_grpc as pb_grpc
 from ttaserve.proto import model_config_pb2 as mc
+from ttaserve.server.auth import Tokens, header_of
 from ttaserve.server.convert import decode_request, encode_response
 from ttaserve.server.errors import code_label, status_of
+from ttaserve.server.keys import SessionKey
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.repository import Repository, ServedModel
 
@@ -33,9 +34,10 @@ EXTENSIONS = (
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self, repository: Repository, metrics: ServerMetrics, max_batch: int, idle_s: float,
-        request_timeout_s: float = 0.0,
+        request_timeout_s: float = 0.0, tokens: Tokens | None = None,
     ) -> None:
         self.repository = repository
+        self.tokens = tokens or Tokens()
         self.metrics = metrics
         self.max_batch = max_batch
         self.idle_s = idle_s
@@ -118,20 +120,23 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def infer_unary(
-        self, request: pb.ModelInferRequest, stream_session: str | None = None,
-        used: set[ServedModel] | None = None,
+        self, request: pb.ModelInferRequest, stream_session: SessionKey | None = None,
+        used: set[ServedModel] | None = None, owner: str | None = None,
     ) -> tuple[pb.ModelInferResponse | None, tuple[grpc.StatusCode, str] | None]:
         """One request answered without a gRPC call around it (a Ray Serve replica's entry
-        point): the response, or the status code and message to send instead. With
-        ``stream_session``, a request without a sequence id uses that session, and its
-        model is added to ``used`` (end the session there when the stream closes)."""
-        return await self._infer(request, stream_session, used)
+        point): the response, or the status code and message to send instead. ``owner`` is
+        the principal the caller authenticated (its sessions are the ones reached; without
+        it, only a server without tokens answers). With ``stream_session``, a request
+        without a sequence id uses that session, and its model is added to ``used`` (end
+        the session there when the stream closes)."""
+        return await self._infer(request, stream_session, used, owner=owner)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        # Requests without a sequence id share one session scoped to this stream.
-        stream_session = f"_stream:{uuid.uuid4().hex}"
+        # Requests without a sequence id share one session scoped to this stream: its key
+        # has a random part no client id can name (server/keys.py).
+        stream_session = SessionKey(self._owner(context), None)
         used: set[ServedModel] = set()
         try:
             async for request in requests:
@@ -145,8 +150,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 model.engine.sessions.end(stream_session)
 
     async def _infer(
-        self, request: pb.ModelInferRequest, stream_session: str | None,
+        self, request: pb.ModelInferRequest, stream_session: SessionKey | None,
         used: set[ServedModel] | None = None, context: grpc.aio.ServicerContext | None = None,
+        owner: str | None = None,
     ) -> tuple[pb.ModelInferResponse | None, tuple[grpc.StatusCode, str] | None]:
         started = time.perf_counter()
         model_name, policy = request.model_name, "unknown"
@@ -156,7 +162,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             model = self.repository.get(request.model_name, request.model_version)
             decoded = decode_request(request, model.spec, self.max_batch)
             decoded.deadline = self._deadline(decoded.timeout_us, context)
-            if decoded.sequence_id is None and stream_session is not None:
+            if decoded.sequence_id is not None:  # the caller's own session of that id
+                if owner is None:
+                    owner = stream_session.owner if stream_session is not None else self._owner(context)
+                decoded.sequence_id = SessionKey(owner, decoded.sequence_id)
+            elif stream_session is not None:
                 decoded.sequence_id = stream_session
                 if used is not None:
                     used.add(model)
@@ -168,6 +178,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             code, message = status_of(exc)
             self._count(model_name, policy, code, started)
             return None, (code, message)
+
+    def _owner(self, context: grpc.aio.ServicerContext | None) -> str:
+        """The calling principal's name (the gate has already authenticated the call)."""
+        metadata = context.invocation_metadata() if context is not None else None
+        return self.tokens.caller(header_of(metadata)).name
 
     def _deadline(self, timeout_us: int, context: grpc.aio.ServicerContext | None) -> float | None:
         """The earliest of the client's gRPC deadline, Triton's ``timeout`` parameter

@@ -46,6 +46,12 @@ class ServerMetrics:
         self.updates_skipped = Counter(
             "ttaserve_updates_skipped", "Adaptation updates rolled back for outlier batches (ttaserve/outliers.py)",
             ["model", "policy", "reason"], registry=r)
+        self.session_state_bytes = Gauge(
+            "ttaserve_session_state_bytes", "Bytes of session state held, as counted for --max-session-memory",
+            ["model"], registry=r)
+        self.memory_evictions = Counter(
+            "ttaserve_session_memory_evictions", "Sessions evicted because --max-session-memory was reached",
+            ["model"], registry=r)
         self.rejected = Counter(
             "ttaserve_rejected", "Requests refused by a configured cap, by cap",
             ["model", "cap"], registry=r)

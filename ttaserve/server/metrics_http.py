@@ -1,8 +1,13 @@
 """The HTTP side, in a background thread: Prometheus ``/metrics`` and, on every other path,
-an optional WSGI app (the live dashboard, see dashboard.py)."""
+an optional WSGI app (the live dashboard, see dashboard.py).
+
+A thread serves each connection, so connections are bounded: at most ``MAX_CONNECTIONS``
+at once (one more is closed unanswered) and each is dropped after ``IDLE_TIMEOUT_S`` of
+silence, so idle or trickling clients cannot pin threads and starve the scraper."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from http.server import ThreadingHTTPServer
@@ -14,13 +19,35 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT_S = 10.0
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = IDLE_TIMEOUT_S  # socket timeout per connection (slow or idle clients)
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         """Scrapes every few seconds would flood the log."""
 
 
 class _ThreadingWSGIServer(ThreadingHTTPServer):
     daemon_threads = True
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)  # per server, not per class
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # over the cap: closed, not queued
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def _not_found(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

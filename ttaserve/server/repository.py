@@ -1,7 +1,11 @@
 """The models a server holds: each with its wire spec, its Engine and a worker thread.
 
 Forward passes never run on the asyncio event loop: each model has its own executor
-(one thread by default, so a model's forwards run one at a time in arrival order)."""
+(one thread by default, so a model's forwards run one at a time in arrival order).
+
+Shutdown is truthful: once a model is closed (:meth:`ServedModel.close`), a request that has not
+started its forward pass is answered UNAVAILABLE without being run, so a request is applied
+if and only if it is answered OK and a client may safely retry every UNAVAILABLE."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 
 from ttaserve.batching import Request, predict_many
 from ttaserve.engine import BatchReport, Engine
-from ttaserve.errors import DeadlineExceeded, NotFound, Overloaded
+from ttaserve.errors import DeadlineExceeded, NotFound, Overloaded, Unavailable, shown
 from ttaserve.handlers.loader import LoadedModel
 from ttaserve.handlers.spec import ModelSpec
 from ttaserve.outliers import OutlierConfig
@@ -25,6 +29,7 @@ from ttaserve.server.convert import InferRequest
 from ttaserve.server.metrics import ServerMetrics
 from ttaserve.server.persistence import SessionPersistence
 from ttaserve.server.scheduler import Batcher
+from ttaserve.server.session_memory import SessionMemory
 from ttaserve.sessions import SequenceId, Session, SessionLimits
 
 
@@ -57,8 +62,10 @@ class ServedModel:
         batch_delay_s: float = 0.0,
         max_queue: int = 0,
         outliers: OutlierConfig = OutlierConfig(),
+        max_session_bytes: int = 0,
     ) -> None:
         self.spec: ModelSpec = loaded.spec
+        self.closed = False  # set at the end of the grace period: nothing new runs
         self.metrics = metrics
         self.max_queue = max_queue  # 0: unbounded
         self.pending = 0  # requests waiting for or running on the worker (event-loop owned)
@@ -72,6 +79,8 @@ class ServedModel:
             outliers=outliers,
             **(loaded.params if loaded.policy else default_params),
         )
+        self.memory = SessionMemory(self.engine.sessions, max_session_bytes, self._evicted_for_memory)
+        metrics.session_state_bytes.labels(self.name).set_function(lambda: self.memory.total)
         self.stats = Statistics()
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"model-{self.spec.name}")
         # Cross-session batching (off unless a delay is configured): see ttaserve/batching.py.
@@ -105,6 +114,9 @@ class ServedModel:
 
     def _admit(self, request: InferRequest) -> None:
         """On the worker, right before running: drop late requests, revive evicted sessions."""
+        if self.closed:
+            raise Unavailable("the server shut down before this request ran; it was not applied, "
+                              "retry it on another replica")
         if request.deadline is not None and time.monotonic() > request.deadline:
             self.metrics.rejected.labels(self.name, "deadline").inc()
             raise DeadlineExceeded("the request's deadline passed while it waited for the model "
@@ -121,7 +133,7 @@ class ServedModel:
         for i, (r, _) in enumerate(items):
             try:
                 self._admit(r)
-            except DeadlineExceeded as exc:
+            except (DeadlineExceeded, Unavailable) as exc:
                 late[i] = exc
         if late:  # answered without running; the others go on as one batch
             kept = [item for i, item in enumerate(items) if i not in late]
@@ -134,6 +146,9 @@ class ServedModel:
         if self.state_store is not None:
             for each in requests:
                 self.state_store.after_request(each.session)
+        for each in requests:
+            if each.session is not None:
+                self.memory.charge(each.session)
         done = time.perf_counter_ns()
         (out_name,) = (t.name for t in self.spec.outputs)
         out: list[tuple[dict[str, np.ndarray], str] | Exception] = []
@@ -160,6 +175,8 @@ class ServedModel:
             )
         if self.state_store is not None:
             self.state_store.after_request(request.sequence_id)
+        if request.sequence_id is not None:
+            self.memory.charge(request.sequence_id)
         done = time.perf_counter_ns()
         self._observe(x.shape[0], started - enqueued, done - started, policy)
         (out_name,) = (t.name for t in self.spec.outputs)
@@ -216,7 +233,21 @@ class ServedModel:
             if session.drift is not None:
                 yield self.name, session.policy, dict(session.drift.signals)
 
+    def sessions_changed(self, key: SequenceId) -> None:
+        """A session was created or replaced outside a request (SetPolicy, RestoreSession,
+        start-up restore): count its memory."""
+        self.memory.charge(key)
+        self.metrics.live_sessions.labels(self.name).set(len(self.engine.sessions))
+
+    def close(self) -> None:
+        """From now on, requests that have not started are refused without running."""
+        self.closed = True
+
+    def _evicted_for_memory(self, count: int) -> None:
+        self.metrics.memory_evictions.labels(self.name).inc(count)
+
     def _session_dropped(self, session: Session, reason: str) -> None:
+        self.memory.forget(session.sequence_id)
         self.metrics.session_events.labels(self.name, reason).inc()
         if self.state_store is not None:
             self.state_store.dropped(session, reason)
@@ -252,7 +283,7 @@ class Repository:
     def get(self, name: str, version: str = "") -> ServedModel:
         model = self._models.get(name)
         if model is None:
-            raise NotFound(f"unknown model {name!r}; this server has {sorted(self._models)}")
+            raise NotFound(f"unknown model {shown(name)}; this server has {sorted(self._models)}")
         if version not in ("", model.spec.version):
-            raise NotFound(f"model {name!r} has no version {version!r}; it has {model.spec.version!r}")
+            raise NotFound(f"model {name!r} has no version {shown(version)}; it has {model.spec.version!r}")
         return model

@@ -37,6 +37,14 @@ class ServerSettings:
     outlier_divergence: float = 15.0  # poisoning gate threshold (ttaserve/outliers.py); 0: off
     state_dir: str | None = None  # persist sessions here (server/persistence.py)
     state_interval_s: float = 30.0  # periodic write of changed sessions
+    # Hardening (docs/OPERATIONS.md "Security and threat model").
+    max_session_memory: int = 1 << 30  # bytes of session state per model before LRU eviction; 0: none
+    state_max_bytes: int = 1 << 30  # all state files together; 0: unbounded
+    state_max_file_bytes: int = 64 << 20  # one state file, read or written
+    state_ttl_s: float = 86400.0  # files of sessions that are not live are deleted past this age; 0: never
+    secret_file: str | None = None  # signs snapshots and state files (server/secret.py)
+    # The secret itself, hex (how `ttaserve ray-serve` hands its replicas one); never printed.
+    secret: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ServerSettings:
