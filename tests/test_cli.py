@@ -110,7 +110,7 @@ def test_local_policy_list_needs_no_server(capsys: pytest.CaptureFixture[str]) -
     assert main(["policy", "list", "--local", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["policies"]
     alpha = next(p for p in listed if p["name"] == "alpha-bn")["parameters"]
-    assert alpha == [{"name": "alpha", "type": "float", "default_json": "0.1"}]
+    assert alpha == [{"name": "alpha", "type": "float", "default_json": "0.1", "min_json": "0.0", "max_json": "1.0"}]
 
 
 def test_policies_is_an_alias_that_says_where_it_went(capsys: pytest.CaptureFixture[str]) -> None:
