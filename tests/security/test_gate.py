@@ -12,7 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from tests.security.attacks import MODEL_INFER, _request
 from tests.security.conftest import write_tokens
@@ -56,6 +58,24 @@ def test_every_call_counts_and_over_the_cap_is_refused_unread(tmp_path: Path) ->
             except Exception:
                 assert time.monotonic() < deadline, "slots were not released"
                 time.sleep(0.1)
+
+
+def test_health_watch_needs_a_token_and_a_slot(tmp_path: Path) -> None:
+    """Check stays open for probes; Watch, a stream that stays open, is a counted call."""
+    with running_server(auth_token_file=str(write_tokens(tmp_path)), max_concurrent_rpcs=1) as handle, \
+            grpc.insecure_channel(handle.url) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            next(health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        token = (("authorization", "Bearer alice-token"),)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), metadata=token, timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # holds the one slot
+        with pytest.raises(InferenceServerException, match="RESOURCE_EXHAUSTED"):
+            handle.client().infer("demo", [infer_input(images(2))], headers={"authorization": "Bearer alice-token"})
+        assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status \
+            == health_pb2.HealthCheckResponse.SERVING  # probes have their own pool
+        watch.cancel()
 
 
 def test_http_connections_are_bounded(tmp_path: Path) -> None:

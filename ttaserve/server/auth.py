@@ -8,7 +8,7 @@ that created them (server/keys.py), so a principal can only ever reach its own. 
 - ``admin`` tokens may call everything, on every principal's sessions.
 
 Without any token there is one principal, ``anonymous``, which may call everything (bind
-to loopback). Health checks and ``ServerLive`` stay open for probes.
+to loopback). Health ``Check`` and ``ServerLive`` stay open for probes.
 
 Token file lines: ``<inference|admin> <token> [name=<principal>]``. Without a name the
 principal is ``token-`` plus the first 12 hex digits of the token's sha256 (stable across
@@ -34,8 +34,9 @@ from ttaserve.errors import InvalidInput, PermissionDenied, Unauthenticated
 
 ANONYMOUS = "anonymous"
 PRINCIPAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-OPEN_METHODS = frozenset({"/inference.GRPCInferenceService/ServerLive"})
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+# Probes: open to anyone. Health's Watch is a stream that stays open, so it needs a token
+# like any other call (an open one would let anyone pin server resources indefinitely).
+OPEN_METHODS = frozenset({"/inference.GRPCInferenceService/ServerLive", "/grpc.health.v1.Health/Check"})
 ADMIN_PREFIXES = ("/ttaserve.v1.",)
 # Control-plane reads an inference token may make; they only ever show its own sessions.
 READ_METHODS = frozenset(f"/ttaserve.v1.AdaptationService/{m}"
@@ -145,7 +146,7 @@ def _token_line(line: str, where: str) -> tuple[str, bytes, str | None] | None:
 
 
 def required_scope(method: str) -> str | None:
-    if method in OPEN_METHODS or method.startswith(OPEN_PREFIXES):
+    if method in OPEN_METHODS:
         return None
     if method in READ_METHODS:
         return "inference"

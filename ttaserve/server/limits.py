@@ -9,8 +9,9 @@ is read**.
   +16 MiB instead of +1.6 GiB, see docs/BENCHMARKS.md "Resource bounds").
 - ``--max-concurrent-rpcs``: every call counts while it runs (a stream for its whole life),
   refused ones included; past the cap a call is answered ``RESOURCE_EXHAUSTED`` naming it,
-  immediately and unread. Probes (health checks, ``ServerLive``) count too but have
-  ``PROBE_RESERVE`` extra slots, so liveness still answers when clients fill the cap.
+  immediately and unread. Probes (health ``Check``, ``ServerLive``: open to anyone, and
+  over in microseconds) count in a pool of their own, ``PROBE_SLOTS``, so they answer when
+  clients fill the cap, and a flood of probes cannot take the clients' slots.
 - A request that does not parse as the method's message is answered ``INVALID_ARGUMENT``
   (gRPC's default would be ``UNKNOWN``). On a stream the stream is closed with that status:
   a peer that sends unparseable frames cannot be answered message by message.
@@ -25,9 +26,9 @@ from typing import Any
 
 import grpc
 
-from ttaserve.server.auth import OPEN_METHODS, OPEN_PREFIXES, Tokens, check
+from ttaserve.server.auth import OPEN_METHODS, Tokens, check
 
-PROBE_RESERVE = 64
+PROBE_SLOTS = 64
 
 
 class _Garbage:
@@ -45,7 +46,8 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
                  tokens: Tokens | None = None) -> None:
         self.max_concurrent = max_concurrent  # 0: no cap
         self.tokens = tokens or Tokens()
-        self.active = 0  # touched only on the event loop
+        self.active = 0  # calls in flight, probes excepted; touched only on the event loop
+        self.probes = 0  # probes in flight
         self._on_reject = on_reject
 
     async def intercept_service(
@@ -56,7 +58,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = details.method
         refusal = check(self.tokens, method, details.invocation_metadata)
-        probe = method in OPEN_METHODS or method.startswith(OPEN_PREFIXES)
+        probe = method in OPEN_METHODS
         gate = _Call(self, method.rsplit("/", 1)[-1], refusal, probe)
         deserialize = _tolerant(handler.request_deserializer)
         serialize = handler.response_serializer
@@ -72,21 +74,23 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
     async def slot(self, context: grpc.aio.ServicerContext, probe: bool,
                    refusal: tuple[grpc.StatusCode, str] | None) -> AsyncIterator[None]:
         """Count the call while it runs; refuse it (unread) past the cap or without auth."""
-        limit = self.max_concurrent + (PROBE_RESERVE if probe else 0)
-        if refusal is None and self.max_concurrent and self.active >= limit:
+        pool = "probes" if probe else "active"
+        limit = PROBE_SLOTS if probe else self.max_concurrent
+        if refusal is None and self.max_concurrent and getattr(self, pool) >= limit:
             if self._on_reject is not None:
                 self._on_reject()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server is at its cap of {self.max_concurrent} concurrent RPCs "
-                f"(--max-concurrent-rpcs); retry later or use fewer parallel calls")
-        self.active += 1
+                f"the server is at its cap of {limit} concurrent "
+                + ("health probes" if probe else "RPCs (--max-concurrent-rpcs)")
+                + "; retry later or use fewer parallel calls")
+        setattr(self, pool, getattr(self, pool) + 1)
         try:
             if refusal is not None:  # an unauthenticated peer learns nothing, not even load
                 await context.abort(*refusal)
             yield
         finally:
-            self.active -= 1
+            setattr(self, pool, getattr(self, pool) - 1)
 
 
 class _Call:
