@@ -24,18 +24,18 @@ State: ``prior`` [C], the session's estimate of the test class frequencies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from ttaserve.adapters import ModelError, PreparedModel, TensorState, normalizer, register
+from ttaserve.adapters import ModelError, PreparedModel, TensorState, bounds, normalizer, register
 
 
 @dataclass(frozen=True)
 class PriorShiftParams:
-    momentum: float = 0.1  # weight of the newest batch in the estimate, in (0, 1]
-    floor: float = 1e-3  # no class's estimate falls below this: an unseen class stays possible
+    momentum: float = field(default=0.1, metadata=bounds(0.0, 1.0))  # weight of the newest batch, in (0, 1]
+    floor: float = field(default=1e-3, metadata=bounds(0.0, 1.0))  # no class's estimate falls below this
 
     def __post_init__(self) -> None:
         if not 0.0 < self.momentum <= 1.0:

@@ -39,6 +39,6 @@ def test_served_by_name_with_nothing_else_changed(example_policy: str) -> None:
         client = served.client()
         for _ in range(3):
             client.infer("demo", [infer_input(x)], sequence_id=7, parameters={"tta_policy": example_policy})
-        session = served.engine().sessions.get(7)
+        session = served.session(7)
         assert session.policy == example_policy and session.batches == 3
         assert not torch.equal(session.state["prior"], torch.full((10,), 0.1))

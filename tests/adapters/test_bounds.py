@@ -49,3 +49,8 @@ def test_the_reported_stalls_are_refused() -> None:
         create_adapter("unmix-tns", K=10_000_000.0)  # a float that is a whole number is an int
     with pytest.raises(PolicyError, match="steps must be in"):
         create_adapter("tent", steps=10**6)
+
+
+def test_the_example_policy_declares_bounds(example_policy: str) -> None:
+    test_every_numeric_parameter_is_bounded(example_policy)
+    test_values_outside_bounds_and_non_finite_values_are_refused(example_policy)

@@ -7,6 +7,7 @@ from ttaserve.adapters.base import Adapter, TensorState
 from ttaserve.adapters.model import ModelError, PreparedModel, Unsupported, normalizer, prepare
 from ttaserve.adapters.registry import (
     PolicyError,
+    bounds,
     canonical,
     create_adapter,
     describe,
@@ -29,6 +30,7 @@ __all__ = [
     "PreparedModel",
     "TensorState",
     "Unsupported",
+    "bounds",
     "canonical",
     "create_adapter",
     "describe",
