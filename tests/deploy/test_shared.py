@@ -1,8 +1,9 @@
 """Replicas sharing one snapshot store: a sequence that moves resumes exactly where the
 store says, stale copies are never used or written back, ends and crashes behave.
 
-Each "replica" is an Engine with its own SharedSessions on the same store, driven the way a
-served model drives it (before_request, predict, after_request)."""
+Each "replica" is an Engine with its own SharedSessions on the same store (and the same
+secret), driven the way a served model drives it (before_request, predict, after_request),
+with the session keys the server makes (server/keys.py)."""
 
 from __future__ import annotations
 
@@ -15,21 +16,27 @@ from tests.conftest import make_tiny
 from ttaserve import Engine
 from ttaserve.deploy.shared import SharedSessions
 from ttaserve.deploy.stores import DirectoryStore, SnapshotStore, open_store
+from ttaserve.server.keys import SessionKey
 from ttaserve.sessions import SessionLimits
 
 POLICY = "tent"  # a policy whose state changes with every batch
+SECRET = b"s" * 32  # every replica of a deployment signs and verifies with the same secret
+
+
+def key(seq: int | str) -> SessionKey:
+    return SessionKey("anonymous", seq)
 
 
 class Replica:
     def __init__(self, store: SnapshotStore, interval_s: float = 0.0, idle_s: float = 600.0) -> None:
         self.engine = Engine(make_tiny(), policy=POLICY, limits=SessionLimits(idle_timeout_s=idle_s),
                              on_drop=lambda s, r: self.shared.dropped(s, r))
-        self.shared = SharedSessions(store, "tiny", self.engine, interval_s=interval_s)
+        self.shared = SharedSessions(store, "tiny", self.engine, interval_s=interval_s, secret=SECRET)
 
     def infer(self, seq: int | str, x: torch.Tensor, start: bool = False, end: bool = False) -> torch.Tensor:
-        self.shared.before_request(seq, start)
-        out = self.engine.predict(x, seq, start=start, end=end)
-        self.shared.after_request(seq)
+        self.shared.before_request(key(seq), start)
+        out = self.engine.predict(x, key(seq), start=start, end=end)
+        self.shared.after_request(key(seq))
         return out
 
 
@@ -91,9 +98,9 @@ def test_a_stale_copy_is_never_written_back(store: SnapshotStore) -> None:
     a.shared.flush()
     b.infer(1, xs[1])
     b.shared.flush()  # B now owns the record
-    a.engine.predict(xs[2], 1)  # a request that reached A without the check (e.g. in flight)
+    a.engine.predict(xs[2], key(1))  # a request that reached A without the check (e.g. in flight)
     assert a.shared.flush() == 0  # compare-and-set refuses; A drops its copy
-    assert a.engine.sessions.get(1) is None
+    assert a.engine.sessions.get(key(1)) is None
     expected = reference([xs[0], xs[1], xs[3]])[-1]
     assert torch.equal(b.infer(1, xs[3]), expected)
 
@@ -122,10 +129,10 @@ def test_sequence_start_resets_even_a_moved_sequence(store: SnapshotStore) -> No
 def test_a_corrupt_record_starts_fresh_and_is_removed(store: SnapshotStore) -> None:
     a = Replica(store)
     x = batches(1)[0]
-    store.write(a.shared.key(1), b"TTSF garbage")
+    store.write(a.shared.key(key(1)), b"TTSF garbage")
     assert torch.equal(a.infer(1, x), reference([x])[0])
-    assert store.read(a.shared.key(1)) is not None  # rewritten by the fresh session
-    assert a.engine.sessions.get(1).batches == 1  # type: ignore[union-attr]
+    assert store.read(a.shared.key(key(1))) is not None  # rewritten by the fresh session
+    assert a.engine.sessions.get(key(1)).batches == 1  # type: ignore[union-attr]
 
 
 def test_string_and_int_ids_are_different_records(store: SnapshotStore) -> None:
@@ -138,17 +145,26 @@ def test_string_and_int_ids_are_different_records(store: SnapshotStore) -> None:
 
 def test_a_stateless_session_is_written_when_it_starts_not_per_request(store: SnapshotStore) -> None:
     engine = Engine(make_tiny(), policy="tent", on_drop=lambda s, r: shared.dropped(s, r))
-    shared = SharedSessions(store, "tiny", engine)
+    shared = SharedSessions(store, "tiny", engine, secret=SECRET)
     x = batches(1)[0]
-    shared.before_request(1, False)
-    engine.predict(x, 1, policy="alpha-bn")
-    shared.after_request(1)
-    token = store.token(shared.key(1))
+    shared.before_request(key(1), False)
+    engine.predict(x, key(1), policy="alpha-bn")
+    shared.after_request(key(1))
+    token = store.token(shared.key(key(1)))
     for _ in range(3):
-        shared.before_request(1, False)
-        engine.predict(x, 1)
-        shared.after_request(1)
-    assert store.token(shared.key(1)) == token  # nothing new to write
+        shared.before_request(key(1), False)
+        engine.predict(x, key(1))
+        shared.after_request(key(1))
+    assert store.token(shared.key(key(1))) == token  # nothing new to write
     other = Replica(store)
-    other.shared.before_request(1, False)
-    assert other.engine.sessions.get(1).policy == "alpha-bn"  # type: ignore[union-attr]
+    other.shared.before_request(key(1), False)
+    assert other.engine.sessions.get(key(1)).policy == "alpha-bn"  # type: ignore[union-attr]
+
+
+def test_a_record_signed_with_another_secret_is_refused(store: SnapshotStore) -> None:
+    """Whoever can write the store can delete sessions, not forge them."""
+    a, stranger = Replica(store), Replica(store)
+    stranger.shared.secret = b"t" * 32
+    xs = batches(2)
+    stranger.infer(1, xs[0])  # a record under another secret
+    assert torch.equal(a.infer(1, xs[1]), reference([xs[1]])[0])  # refused: A starts fresh
