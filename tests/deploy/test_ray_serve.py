@@ -35,7 +35,8 @@ from ttaserve.data import load_split
 from ttaserve.deploy.metrics import REGISTRY
 from ttaserve.deploy.stores import open_store
 from ttaserve.healthcheck import check
-from ttaserve.server.persistence import decode_file, file_name
+from ttaserve.server.keys import SessionKey
+from ttaserve.server.state_files import decode_file, file_name
 from ttaserve.snapshot import decode
 
 pytest.importorskip("ray.serve", reason="pip install -e '.[ray]' (scripts/test-slow.sh does)")
@@ -55,13 +56,18 @@ class Deployment:
     log: Path
 
 
+SECRET = "5ec7e7" * 11  # the replicas' shared secret: this test reads their records
+
+
 def start_ray_serve(tmp: Path, store_url: str, interval: float) -> Deployment:
     grpc_port, metrics_port, log = free_port(), free_port(), tmp / "ray-serve.log"
+    secret = tmp / "secret"
+    secret.write_text(SECRET)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ttaserve", "ray-serve", "--replicas", "2", "--state-store", store_url,
              "--state-interval", str(interval), "--grpc-port", str(grpc_port), "--metrics-port",
-             str(metrics_port), *SERVE_ARGS],
+             str(metrics_port), "--secret-file", str(secret), *SERVE_ARGS],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
         )
     deadline = time.monotonic() + 300
@@ -241,8 +247,9 @@ def snapshot_batches(store_url: str) -> dict[int, int]:
     store = open_store(store_url)
     kept = {}
     for seq in SEQUENCES:
-        record = store.read(f"demo/{file_name(seq)}")
-        kept[seq] = 0 if record is None else int(decode(decode_file(record.data)[2])[0]["batches"])
+        record = store.read(f"demo/{file_name(SessionKey('anonymous', seq))}")
+        snapshot = None if record is None else decode_file(SECRET.encode(), record.data)[2]
+        kept[seq] = 0 if snapshot is None else int(decode(snapshot)[0]["batches"])
     store.close()
     return kept
 

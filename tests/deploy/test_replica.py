@@ -49,7 +49,7 @@ def request(x: np.ndarray, sequence_id: int = 0) -> pb.ModelInferRequest:
 @pytest.fixture
 def replica(tmp_path: Path) -> Iterator[tuple[TtaserveReplica, asyncio.AbstractEventLoop, DirectoryStore]]:
     tokens = tmp_path / "tokens"
-    tokens.write_text("inference secret-1\n")
+    tokens.write_text("inference secret-1\ninference secret-2\n")
     settings = {"grpc_port": 0, "metrics_port": 0, "policy": "tent", "auth_token_file": str(tokens)}
     loop = asyncio.new_event_loop()
     obj = TtaserveReplica.__new__(TtaserveReplica)
@@ -119,3 +119,19 @@ def test_replica_announces_its_metrics_and_leaves(replica: Any) -> None:
 
 async def _noop() -> None:
     return None
+
+
+def test_sessions_belong_to_the_principal_on_a_replica(replica: Any) -> None:
+    """Proxied calls reach the caller's own sessions, as on one server (and a routed stream
+    message carries its principal: infer_routed(request, owner=...))."""
+    obj, loop, _ = replica
+    x = np.random.default_rng(1).random((4, 1, 28, 28), dtype=np.float32)
+    for _ in range(2):
+        call(loop, obj.ModelInfer(request(x, 11), Context(AUTH)))
+    other = (("authorization", "Bearer secret-2"),)
+    call(loop, obj.ModelInfer(request(x, 11), Context(other)))
+    batches = sorted(s.batches for s in obj.server.repository.get("demo").engine.sessions.live())
+    assert batches == [1, 2]  # one session per principal for the same id
+    data, error = call(loop, obj.infer_routed(request(x, 11), owner=obj._owner(Context(other))))
+    assert error is None
+    assert sorted(s.batches for s in obj.server.repository.get("demo").engine.sessions.live()) == [2, 2]

@@ -169,7 +169,9 @@ class TtaserveReplica:
             context = serve.get_replica_context()
             self._handle = serve.get_deployment_handle(context.deployment, context.app_name)
         try:
-            data, error = await self._handle.infer_routed.remote(request, owner)
+            # owner by keyword: the affinity router routes calls whose one positional
+            # argument is the request (deploy/router.py)
+            data, error = await self._handle.infer_routed.remote(request, owner=owner)
         except Exception as exc:  # the owner died under this message: the client may retry it
             return None, (grpc.StatusCode.UNAVAILABLE, f"the replica of this sequence failed: {exc}")
         if error is not None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from ttaserve.server.persistence import atomic_write
+from ttaserve.server.state_files import atomic_write
 
 
 class _Any:
