@@ -206,3 +206,17 @@ def test_providers_are_chosen_automatically_or_from_the_config(demo_onnx_repo: P
     (entry / "config.json").write_text(json.dumps({**config, "providers": ["NoSuchProvider"]}))
     with pytest.raises(ModelConfigError, match="'NoSuchProvider'.* not available here; available"):
         load_model_dir(entry)
+
+
+def test_rules_are_found_for_normalizer_values_and_their_bound_methods() -> None:
+    from ttaserve.adapters.alpha_bn import AlphaBNNorm, alpha_bn_norm
+    from ttaserve.handlers.onnx_rules import AlphaBNRule, check_policy, rule_for
+
+    assert rule_for(None) is None
+    assert isinstance(rule_for(alpha_bn_norm(0.1)), AlphaBNRule)
+    assert isinstance(rule_for(AlphaBNNorm(0.1).__call__), AlphaBNRule)  # a pass object's method
+    with pytest.raises(Unsupported, match="no ONNX Runtime rule"):
+        rule_for(lambda layer, z: z)
+    check_policy("alpha-bn+adanpc")  # a composition runs when every part does
+    with pytest.raises(Unsupported, match="policy 'tent'"):
+        check_policy("alpha-bn+tent")

@@ -163,7 +163,9 @@ def rule_for(hook: Any) -> OnnxRule | None:
     """The rule of the active normalizer (None: source statistics)."""
     if hook is None:
         return None
-    rule = RULES.get(type(hook))
+    # A normalizer is a callable value (AlphaBNNorm) or the bound method of one pass's
+    # normalization object; the rule belongs to that value's type.
+    rule = RULES.get(type(getattr(hook, "__self__", hook)))
     if rule is None:
         raise Unsupported(f"normalizer {type(hook).__name__} has no ONNX Runtime rule "
                           "(ttaserve/handlers/onnx_rules.py)")
@@ -172,6 +174,10 @@ def rule_for(hook: Any) -> OnnxRule | None:
 
 def check_policy(policy: str) -> None:
     """Raise Unsupported, naming what supports ``policy``, if it cannot run on ONNX Runtime."""
+    if "+" in policy:  # a composition (normalization + prediction policy): every part must run
+        for part in policy.split("+"):
+            check_policy(part)
+        return
     if policy in POLICIES:
         return
     reason = UNSUPPORTED.get(policy, "it has no ONNX Runtime rule")
