@@ -73,3 +73,10 @@ def test_unsupported_policies_answer_unimplemented(onnx_served: Handle, policy: 
                      parameters={"tta_policy": policy})
     assert "UNIMPLEMENTED" in str(err.value.status())
     assert onnx_served.engine(MODEL).sessions.get(99) is None
+
+
+def test_a_server_default_the_onnx_model_cannot_run_leaves_it_on_source(demo_onnx_repo: Path) -> None:
+    # (A policy the model's own config.json names is refused at load: tests/handlers/test_onnx.py.)
+    with running_server(model_repository=str(demo_onnx_repo), policy="tent") as handle:
+        assert handle.engine("demo").default.name == "tent"
+        assert handle.engine(MODEL).default.name == "source"  # with a warning in the log

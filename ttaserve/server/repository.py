@@ -10,15 +10,18 @@ if and only if it is answered OK and a client may safely retry every UNAVAILABLE
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
+from ttaserve.adapters import Unsupported
 from ttaserve.batching import Request, predict_many
 from ttaserve.engine import BatchReport, Engine
 from ttaserve.errors import DeadlineExceeded, NotFound, Overloaded, Unavailable, shown
@@ -31,6 +34,8 @@ from ttaserve.server.persistence import SessionPersistence
 from ttaserve.server.scheduler import Batcher
 from ttaserve.server.session_memory import SessionMemory
 from ttaserve.sessions import SequenceId, Session, SessionLimits
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,15 +75,7 @@ class ServedModel:
         self.max_queue = max_queue  # 0: unbounded
         self.pending = 0  # requests waiting for or running on the worker (event-loop owned)
         self.state_store: SessionPersistence | None = None  # --state-dir, or a replica's shared store
-        self.engine = Engine(
-            loaded.model,
-            loaded.policy or default_policy,
-            limits=limits,
-            on_drop=self._session_dropped,
-            monitor=self._observe_batch,
-            outliers=outliers,
-            **(loaded.params if loaded.policy else default_params),
-        )
+        self.engine = self._engine(loaded, default_policy, default_params, limits, outliers)
         self.memory = SessionMemory(self.engine.sessions, max_session_bytes, self._evicted_for_memory)
         metrics.session_state_bytes.labels(self.name).set_function(lambda: self.memory.total)
         self.stats = Statistics()
@@ -88,6 +85,24 @@ class ServedModel:
         if batch_delay_s > 0:
             self.batcher = Batcher(self._infer_many_sync, self._executor,
                                    lambda item: _batch_size(item[0]), max_batch, batch_delay_s)
+
+    def _engine(self, loaded: LoadedModel, default_policy: str, default_params: dict[str, object],
+                limits: SessionLimits, outliers: OutlierConfig) -> Engine:
+        """The model's engine under its own policy, else the server's default. A server-wide
+        default that this kind of model cannot run (e.g. a gradient policy on an ONNX Runtime
+        model) leaves the model on ``source`` with a warning instead of refusing to serve it."""
+        def engine(policy: str, params: dict[str, Any]) -> Engine:
+            return Engine(loaded.model, policy, limits=limits, on_drop=self._session_dropped,
+                          monitor=self._observe_batch, outliers=outliers, **params)
+
+        if loaded.policy:
+            return engine(loaded.policy, loaded.params)
+        try:
+            return engine(default_policy, default_params)
+        except Unsupported as exc:
+            log.warning("model %s: the server's default policy %r does not run on it (%s); it is served "
+                        "with 'source' (name a policy in its config.json)", self.spec.name, default_policy, exc)
+            return engine("source", {})
 
     @property
     def name(self) -> str:
