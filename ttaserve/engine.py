@@ -16,7 +16,8 @@ from torch import nn
 from ttaserve import snapshot
 from ttaserve.adapters import Adapter, PreparedModel, canonical, create_adapter, prepare
 from ttaserve.adapters.guard import CollapseGuard, GuardConfig, all_finite
-from ttaserve.adapters.model import observe_moments
+from ttaserve.adapters.model import normalizer, observe_moments
+from ttaserve.adapters.safety import SafetyConfig, SafetyNet
 from ttaserve.drift import DriftTracker, symmetric_kl
 from ttaserve.errors import InvalidInput, NotFound
 from ttaserve.outliers import OutlierConfig, outlier_reason
@@ -33,6 +34,7 @@ class BatchReport:
     signals: dict[str, float]
     resets: tuple[str, ...] = ()
     skipped: str | None = None  # why this batch's update was rolled back (ttaserve/outliers.py)
+    fallback: str | None = None  # why the safety net switched the session to source after it
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,13 @@ class Engine:
         monitor: Callable[[BatchReport], None] | None = None,
         track_drift: bool = True,
         outliers: OutlierConfig = OutlierConfig(),
+        safety: SafetyConfig = SafetyConfig(),
         **params: Any,
     ) -> None:
         self.model = model if isinstance(model, PreparedModel) else prepare(model)
         self.guard = guard
         self.outliers = outliers
+        self.safety = safety
         self.monitor = monitor
         self.track_drift = track_drift
         self.fingerprint = model_fingerprint(self.model)
@@ -127,11 +131,16 @@ class Engine:
         return session
 
     def _reset_locked(self, session: Session, reason: str) -> None:
+        self._fresh_state(session)
+        if session.safety is not None:
+            session.safety.state = session.safety.init_state()
+        session.resets[reason] += 1
+
+    def _fresh_state(self, session: Session) -> None:
         session.state = session.adapter.init_state(self.model)
         session.drift = None  # signals restart with the state
         if session.guard is not None:
             session.guard.reset()
-        session.resets[reason] += 1
 
     # -- prediction -------------------------------------------------------------------
     def predict(
@@ -181,6 +190,8 @@ class Engine:
 
     def _run(self, session: Session, x: torch.Tensor, adapt: bool) -> torch.Tensor:
         with session.lock:
+            if session.safety is not None and session.safety.falling_back:
+                return self._run_fallback(session, x)
             resets_before = session.resets.copy()
             gated = adapt and self.outliers.enabled and len(session.state) > 0
             before = session.state.state_dict() if gated else None
@@ -193,6 +204,7 @@ class Engine:
                 if not all_finite(session.state):  # broken before this batch: still reset
                     self._reset_locked(session, "non_finite")
             logits = self._guarded(session, x, logits, adapt and skipped is None)
+            fallback = self._checked(session, x, logits) if adapt and skipped is None else None
             session.batches += 1
             session.samples += x.shape[0]
             session.last_active = time.monotonic()
@@ -200,8 +212,42 @@ class Engine:
             extra = session.adapter.signals(session.state)
             if session.guard is not None:
                 extra = {**extra, **{f"guard_{k}": v for k, v in session.guard.signals().items()}}
-            self.report(session.policy, logits, moments, extra, session, caused, skipped=skipped)
+            if session.safety is not None:
+                extra = {**extra, **{f"safety_{k}": v for k, v in session.safety.signals().items()}}
+            self.report(session.policy, logits, moments, extra, session, caused, skipped=skipped,
+                        fallback=fallback)
         return logits
+
+    def _checked(self, session: Session, x: torch.Tensor, logits: torch.Tensor) -> str | None:
+        """Show the safety net the batch's leading samples through the source model too;
+        on its verdict, reset the state and answer from source for a cooldown."""
+        net = session.safety
+        count = net.samples_to_check(x.shape[0]) if net is not None else 0
+        if net is None or count == 0:
+            return None
+        reason = net.observe(logits[:count], self.source_logits(x[:count]))
+        if reason is not None:
+            self._fresh_state(session)
+            session.fallbacks[reason] += 1
+            net.fall_back()
+        return reason
+
+    def _run_fallback(self, session: Session, x: torch.Tensor) -> torch.Tensor:
+        """A batch of a session in its safety-net cooldown: the source model answers."""
+        assert session.safety is not None
+        with self.observed() as moments:  # drift signals still see the data
+            logits = self.source_logits(x)
+        session.safety.served_from_source(x.shape[0])
+        session.batches += 1
+        session.samples += x.shape[0]
+        session.last_active = time.monotonic()
+        self.report("source", logits, moments, session.safety.signals(), session, ())
+        return logits
+
+    def source_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model exactly as trained (source statistics), no state involved."""
+        with torch.no_grad(), normalizer(None):
+            return self.model(x)
 
     def observed(self, offsets: list[int] | None = None, gate: bool = False) -> Any:
         """Context collecting the BN-input moments of one forward (per request segment with
@@ -210,7 +256,7 @@ class Engine:
 
     def report(self, policy: str, logits: torch.Tensor, moments: list[Any], extra: dict[str, float],
                 session: Session | None, resets: tuple[str, ...], segment: int | None = None,
-                skipped: str | None = None) -> None:
+                skipped: str | None = None, fallback: str | None = None) -> None:
         """Fold one forward's outputs into the session's drift signals and tell the monitor."""
         if not self.track_drift and self.monitor is None:
             return
@@ -221,7 +267,7 @@ class Engine:
                 session.drift = tracker
         signals = tracker.update(logits, layer_divergence(moments, segment), extra)
         if self.monitor is not None:
-            self.monitor(BatchReport(policy, logits.shape[0], {**extra, **signals}, resets, skipped))
+            self.monitor(BatchReport(policy, logits.shape[0], {**extra, **signals}, resets, skipped, fallback))
 
     # -- observation and snapshots ----------------------------------------------------
     def signals_of(self, session: Session) -> dict[str, float]:
@@ -245,10 +291,13 @@ class Engine:
             tensors = {f"state.{k}": v for k, v in session.state.state_dict().items()}
             if session.guard is not None:
                 tensors.update({f"guard.{k}": v for k, v in session.guard.state.state_dict().items()})
+            if session.safety is not None:
+                tensors.update({f"safety.{k}": v for k, v in session.safety.state.state_dict().items()})
             meta = {
                 "model": self.fingerprint, "policy": session.policy, "params": session.params,
                 "batches": session.batches, "samples": session.samples,
                 "resets": dict(session.resets), "skipped": dict(session.skipped),
+                "fallbacks": dict(session.fallbacks),
                 "created": session.created,
                 "signals": self.signals_of(session),
             }
@@ -267,11 +316,14 @@ class Engine:
             session.state.load_state_dict(_section(tensors, "state."))
             if session.guard is not None:
                 session.guard.state.load_state_dict(_section(tensors, "guard."))
+            if session.safety is not None:
+                session.safety.state.load_state_dict(_section(tensors, "safety."))
         except ValueError as exc:
             raise InvalidInput(f"snapshot does not fit policy {choice.name!r}: {exc}") from exc
         session.batches, session.samples = int(meta["batches"]), int(meta["samples"])
         session.resets.update(meta.get("resets", {}))
         session.skipped.update(meta.get("skipped", {}))
+        session.fallbacks.update(meta.get("fallbacks", {}))
         session.created = float(meta.get("created", session.created))
         session.drift = DriftTracker(self.model.num_classes, signals=dict(meta.get("signals", {})))
         self.sessions.open(sequence_id, True, lambda: session)
@@ -306,7 +358,14 @@ class Engine:
         state = adapter.init_state(self.model)
         # Stateless policies (empty state) have nothing to reset, so they are not watched.
         guard = CollapseGuard(self.guard) if self.guard.enabled and len(state) else None
-        return Session(sequence_id, choice.name, dict(choice.params), adapter, state, guard=guard)
+        # Every adaptive policy is watched by the safety net; source has nothing to fall back from.
+        safety = SafetyNet(self.safety, self.model.num_classes) if self.watched(choice) else None
+        return Session(sequence_id, choice.name, dict(choice.params), adapter, state, guard=guard,
+                       safety=safety)
+
+    def watched(self, choice: PolicyChoice) -> bool:
+        """Whether sessions of this policy carry a safety net."""
+        return self.safety.enabled and choice.name != "source"
 
 
 def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ttaserve.adapters import Adapter, TensorState
 from ttaserve.adapters.guard import CollapseGuard
+from ttaserve.adapters.safety import SafetyNet
 from ttaserve.drift import DriftTracker
 from ttaserve.errors import InvalidInput
 
@@ -38,6 +39,9 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Collapse signals of a stateful session (None: stateless policy or guard disabled).
     guard: CollapseGuard | None = None
+    # Safety net (None: the source policy, or the net is disabled); adapters/safety.py.
+    safety: SafetyNet | None = None
+    fallbacks: Counter[str] = field(default_factory=Counter)  # safety-net fallbacks by reason
     # Drift signals (EMAs) of this stream; see ttaserve/drift.py.
     drift: DriftTracker | None = None
 

@@ -9,6 +9,7 @@ import torch
 
 from tests.conftest import make_tiny
 from ttaserve.adapters.guard import CollapseGuard, GuardConfig, normalized_entropy
+from ttaserve.adapters.safety import SafetyConfig
 from ttaserve.engine import Engine
 from ttaserve.outliers import OutlierConfig
 
@@ -113,7 +114,10 @@ def test_batch_larger_than_window() -> None:
 # -- engine integration -----------------------------------------------------------------
 # Constant images would be refused as outliers (ttaserve/outliers.py); here they are the
 # point, so the poisoning gate is off.
-COLLAPSING = {"policy": "tent", "lr": 3.0, "outliers": OutlierConfig(enabled=False)}
+# The safety net would switch such a session to source before the guard sees the collapse
+# (adapters/safety.py, tested in test_safety.py); here the guard alone is under test.
+COLLAPSING = {"policy": "tent", "lr": 3.0, "outliers": OutlierConfig(enabled=False),
+              "safety": SafetyConfig(enabled=False)}
 # A short window and memory so that the tiny streams below are long enough to judge.
 SMALL_WINDOW = GuardConfig(window=32, ema_decay=0.5)
 

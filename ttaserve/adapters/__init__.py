@@ -18,7 +18,7 @@ from ttaserve.adapters.registry import (
 
 # Every module of this package other than the infrastructure below is a policy; importing
 # it registers it. Adding a policy means adding one module here and nothing elsewhere.
-_INFRASTRUCTURE = {"base", "model", "registry", "guard"}
+_INFRASTRUCTURE = {"base", "compose", "model", "registry", "guard", "safety"}
 for _info in pkgutil.iter_modules(__path__):
     if _info.name not in _INFRASTRUCTURE:
         importlib.import_module(f"{__name__}.{_info.name}")

@@ -44,6 +44,7 @@ Choices (the paper leaves them open or the reference code differs):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -146,9 +147,10 @@ def source_memory(model: PreparedModel) -> Memory:
     return cached
 
 
-def head_features(model: PreparedModel, x: torch.Tensor) -> torch.Tensor:
-    """Input of the classifier head, with source BatchNorm statistics."""
-    with torch.no_grad(), normalizer(None):
+def head_features(model: PreparedModel, x: torch.Tensor, source: bool = True) -> torch.Tensor:
+    """Input of the classifier head, with source BatchNorm statistics (``source=False``:
+    with whatever normalizer is active, e.g. a composition's normalization part)."""
+    with torch.no_grad(), normalizer(None) if source else contextlib.nullcontext():
         features, _ = model.features_and_logits(x)
     return features
 
@@ -185,6 +187,7 @@ class AdaNPC:
         "kNN classifier over source features plus confident test features (Zhang et al. 2023)"
     )
     Params: ClassVar[type] = AdaNPCParams
+    over_normalization: ClassVar[bool] = True  # composes as NORM+adanpc (ttaserve/adapters/compose.py)
 
     def __init__(self, params: AdaNPCParams = AdaNPCParams()) -> None:
         self.params = params
@@ -205,7 +208,7 @@ class AdaNPC:
         self, model: PreparedModel, x: torch.Tensor, state: TensorState, adapt: bool = True
     ) -> torch.Tensor:
         p = self.params
-        features = head_features(model, x)
+        features = head_features(model, x, source=False)
         test = (state["features"], state["labels"])
         scores = knn_scores(features, [source_memory(model), test], p.k, p.temperature, model.num_classes)
         if adapt:

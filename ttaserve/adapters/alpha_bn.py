@@ -25,7 +25,12 @@ from typing import ClassVar
 
 import torch
 
-from ttaserve.adapters.base import TensorState
+from ttaserve.adapters.base import (
+    Normalization,
+    StatelessNormalization,
+    TensorState,
+    run_normalized,
+)
 from ttaserve.adapters.model import AdaptiveBatchNorm2d, NormHook, PreparedModel, normalizer
 from ttaserve.adapters.registry import bounds, register, register_alias
 from ttaserve.kernels.select import implementation
@@ -80,11 +85,13 @@ class AlphaBN:
     def init_state(self, model: PreparedModel) -> TensorState:
         return TensorState()
 
+    def normalization(self, model: PreparedModel, state: TensorState) -> Normalization:
+        return StatelessNormalization(alpha_bn_norm(self.params.alpha))
+
     def forward(
         self, model: PreparedModel, x: torch.Tensor, state: TensorState, adapt: bool = True
     ) -> torch.Tensor:
-        with torch.no_grad(), normalizer(alpha_bn_norm(self.params.alpha)):
-            return model(x)
+        return run_normalized(self.normalization(model, state), model, x, adapt)
 
     def forward_segments(self, model: PreparedModel, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
         with torch.no_grad(), normalizer(alpha_bn_norm(self.params.alpha, offsets)):

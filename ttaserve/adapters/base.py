@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from ttaserve.adapters.model import PreparedModel
+from ttaserve.adapters.model import AdaptiveBatchNorm2d, PreparedModel, normalizer
 
 
 class TensorState(dict[str, torch.Tensor]):
@@ -65,3 +65,43 @@ class Adapter(Protocol):
     def signals(self, state: TensorState) -> dict[str, float]:
         """Policy-specific signals of a session (memory size, merging coefficient, loss ...):
         reported beside the drift signals (ttaserve/drift.py) and as metrics."""
+
+
+class Normalization(Protocol):
+    """One forward pass of a normalization policy: ``hook`` normalizes every BatchNorm2d
+    input (see :func:`ttaserve.adapters.model.normalizer`); ``commit`` updates the session's
+    state from what the pass saw and the logits it produced. Splitting the two lets a
+    prediction-side policy run over the normalization (``alpha-bn+adanpc``)."""
+
+    def hook(self, layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor: ...
+
+    def commit(self, logits: torch.Tensor) -> None: ...
+
+
+@runtime_checkable
+class NormalizationPolicy(Adapter, Protocol):
+    """A policy whose whole effect is how BatchNorm layers normalize (alpha-bn, unmix-tns,
+    graded-bn): it can sit under a prediction-side policy in a composition."""
+
+    def normalization(self, model: PreparedModel, state: TensorState) -> Normalization:
+        """The normalizer of one forward pass over ``state`` (read now, updated on commit)."""
+
+
+class StatelessNormalization:
+    """A normalization that keeps nothing between batches (alpha-bn, tbn)."""
+
+    def __init__(self, hook: Callable[[AdaptiveBatchNorm2d, torch.Tensor], torch.Tensor]) -> None:
+        self.hook = hook
+
+    def commit(self, logits: torch.Tensor) -> None:
+        """Nothing to remember."""
+
+
+def run_normalized(norm: Normalization, model: PreparedModel, x: torch.Tensor, adapt: bool) -> torch.Tensor:
+    """The forward of a normalization policy: predict with ``norm``, then commit if adapting."""
+    with torch.no_grad():
+        with normalizer(norm.hook):
+            logits = model(x)
+        if adapt:
+            norm.commit(logits)
+    return logits

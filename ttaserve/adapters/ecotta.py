@@ -145,17 +145,18 @@ def meta_forward(
     """Logits of the model with meta networks, and (x~_k, x_k) per partition."""
     module = model.module
     pairs = []
-    with normalizer(None):  # the original network keeps its source statistics
-        h = module.get_submodule("stem")(x)
-        for k, group in enumerate(partition_modules(module, count_partitions(t))):
-            with FrozenLayers() if torch.is_grad_enabled() else contextlib.nullcontext():
-                f = run_blocks(group, h)
-            stride = -(-h.shape[-1] // f.shape[-1])
-            side = F.conv2d(h, t[f"meta.{k}.conv.weight"], stride=stride, padding=1)
-            side = masked_relu(_bn(side, t, f"meta.{k}.conv_bn", batch, track))
-            h = _bn(f, t, f"meta.{k}.bn", batch, track) + side
-            pairs.append((h, f.detach()))
-        logits = module.get_submodule("head")(module.get_submodule("pool")(h))
+    # The original network's BatchNorm layers use the active normalizer: none (source
+    # statistics) when ecotta runs alone, the normalization part in a composition.
+    h = module.get_submodule("stem")(x)
+    for k, group in enumerate(partition_modules(module, count_partitions(t))):
+        with FrozenLayers() if torch.is_grad_enabled() else contextlib.nullcontext():
+            f = run_blocks(group, h)
+        stride = -(-h.shape[-1] // f.shape[-1])
+        side = F.conv2d(h, t[f"meta.{k}.conv.weight"], stride=stride, padding=1)
+        side = masked_relu(_bn(side, t, f"meta.{k}.conv_bn", batch, track))
+        h = _bn(f, t, f"meta.{k}.bn", batch, track) + side
+        pairs.append((h, f.detach()))
+    logits = module.get_submodule("head")(module.get_submodule("pool")(h))
     return logits, pairs
 
 
@@ -271,6 +272,7 @@ class EcoTTA:
         "adapt small meta networks around the frozen model, entropy + self-distillation (Song et al. 2023)"
     )
     Params: ClassVar[type] = EcoTTAParams
+    over_normalization: ClassVar[bool] = True  # composes as NORM+ecotta (ttaserve/adapters/compose.py)
 
     def __init__(self, params: EcoTTAParams = EcoTTAParams()) -> None:
         self.params = params

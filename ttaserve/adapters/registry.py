@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ttaserve.adapters import compose
 from ttaserve.adapters.base import Adapter
 from ttaserve.adapters.model import PreparedModel
 from ttaserve.errors import shown
@@ -78,7 +79,10 @@ def params_class(name: str) -> type:
 
 
 def param_schema(name: str) -> dict[str, dict[str, Any]]:
-    """Parameter name -> {type, default} for a policy (aliases show their fixed values)."""
+    """Parameter name -> {type, default} for a policy (aliases show their fixed values;
+    a composition's parameters are named PART.KEY)."""
+    if compose.is_composite(name):
+        return {f"{part}.{k}": v for part in _parts(name) for k, v in param_schema(part).items()}
     target, fixed = _resolve(name)
     schema = {}
     for f in dataclasses.fields(params_class(target)):
@@ -90,6 +94,9 @@ def param_schema(name: str) -> dict[str, dict[str, Any]]:
 
 
 def describe(name: str) -> str:
+    if compose.is_composite(name):
+        norm, pred = _parts(name)
+        return f"{pred} over {norm}'s normalization: {describe(pred)}"
     target, fixed = _resolve(name)
     text: str = _REGISTRY[target].description  # type: ignore[attr-defined]
     if fixed:
@@ -98,7 +105,10 @@ def describe(name: str) -> str:
 
 
 def canonical(name: str, params: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-    """Resolve an alias: returns (registered name, parameters with the alias's fixed values)."""
+    """Resolve an alias: returns (registered name, parameters with the alias's fixed values).
+    A composition resolves each part (``tbn+adanpc`` -> ``alpha-bn+adanpc``, alpha-bn.alpha=0)."""
+    if compose.is_composite(name):
+        return _canonical_composite(name, params or {})
     target, fixed = _resolve(name)
     merged = dict(params or {})
     for key, value in fixed.items():
@@ -110,6 +120,8 @@ def canonical(name: str, params: dict[str, Any] | None = None) -> tuple[str, dic
 
 def create_adapter(name: str, model: PreparedModel | None = None, **params: Any) -> Adapter:
     """Build a policy by name with validated parameters; check it fits ``model`` if given."""
+    if compose.is_composite(name):
+        return _create_composite(name, model, params)
     target, merged = canonical(name, params)
     params_cls = params_class(target)
     known = {f.name: f for f in dataclasses.fields(params_cls)}
@@ -126,6 +138,50 @@ def create_adapter(name: str, model: PreparedModel | None = None, **params: Any)
     if model is not None:
         adapter.check(model)
     return adapter
+
+
+def _parts(name: str) -> tuple[str, str]:
+    try:
+        norm, pred = compose.split(name)
+    except ValueError as exc:
+        raise PolicyError(str(exc)) from exc
+    for part in (norm, pred):
+        _resolve(part)
+    return norm, pred
+
+
+def _part_params(name: str, params: dict[str, Any]) -> tuple[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]]:
+    parts = _parts(name)
+    known = (set(param_schema(parts[0])), set(param_schema(parts[1])))
+    try:
+        return parts, compose.split_params(parts, params, known)
+    except ValueError as exc:
+        raise PolicyError(str(exc)) from exc
+
+
+def _canonical_composite(name: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    parts, split = _part_params(name, params)
+    resolved = [canonical(part, p) for part, p in zip(parts, split)]
+    merged = {f"{target}.{k}": v for target, p in resolved for k, v in p.items()}
+    return compose.SEPARATOR.join(target for target, _ in resolved), merged
+
+
+def _create_composite(name: str, model: PreparedModel | None, params: dict[str, Any]) -> Adapter:
+    parts, split = _part_params(name, params)
+    norm, pred = (create_adapter(part, model, **p) for part, p in zip(parts, split))
+    try:
+        composite = compose.Composite(norm, pred)
+    except ValueError as exc:
+        raise PolicyError(f"{exc}. Compose NORM+PRED with NORM one of {', '.join(composable()[0])} "
+                          f"and PRED one of {', '.join(composable()[1])}") from exc
+    return composite  # type: ignore[return-value]
+
+
+def composable() -> tuple[list[str], list[str]]:
+    """(policies that can be the normalization part, policies that can run over one)."""
+    built = {name: create_adapter(name) for name in policy_names()}
+    return ([n for n, a in built.items() if compose.can_normalize(a)],
+            [n for n, a in built.items() if compose.can_predict_over(a)])
 
 
 def _resolve(name: str) -> tuple[str, dict[str, Any]]:

@@ -61,8 +61,8 @@ from typing import ClassVar, cast
 
 import torch
 
-from ttaserve.adapters.base import TensorState
-from ttaserve.adapters.model import AdaptiveBatchNorm2d, NormHook, PreparedModel, normalizer
+from ttaserve.adapters.base import Normalization, TensorState, run_normalized
+from ttaserve.adapters.model import AdaptiveBatchNorm2d, NormHook, PreparedModel
 from ttaserve.adapters.registry import bounds, register
 from ttaserve.kernels import instance_moments, normalize
 from ttaserve.kernels.reference import soft_assignment as soft_assignment  # re-export
@@ -180,6 +180,18 @@ def unmix_norm(params: UnMixTNSParams, state: TensorState, pending: list[_Pendin
     return UnMixNorm(params, state, pending)
 
 
+class _UnMixNormalization:
+    """One forward pass: normalize from the components, apply their updates on commit."""
+
+    def __init__(self, params: UnMixTNSParams, state: TensorState) -> None:
+        self.state = state
+        self.pending: list[_Pending] = []
+        self.hook = unmix_norm(params, state, self.pending)
+
+    def commit(self, logits: torch.Tensor) -> None:
+        _apply(self.state, self.pending)
+
+
 def _layer_momentum(layer: AdaptiveBatchNorm2d) -> float:
     return DEFAULT_BN_MOMENTUM if layer.momentum is None else float(layer.momentum)
 
@@ -219,15 +231,13 @@ class UnMixTNS:
             state[_key(layer.index, "vars")] = variances
         return state
 
+    def normalization(self, model: PreparedModel, state: TensorState) -> Normalization:
+        return _UnMixNormalization(self.params, state)
+
     def forward(
         self, model: PreparedModel, x: torch.Tensor, state: TensorState, adapt: bool = True
     ) -> torch.Tensor:
-        pending: list[_Pending] = []
-        with torch.no_grad(), normalizer(unmix_norm(self.params, state, pending)):
-            logits = model(x)
-            if adapt:
-                _apply(state, pending)
-        return logits
+        return run_normalized(self.normalization(model, state), model, x, adapt)
 
     def signals(self, state: TensorState) -> dict[str, float]:
         """How far apart the components are (RMS distance of component means from their
