@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "ttaserve"
-INFRASTRUCTURE = {"base", "model", "registry", "guard"}  # adapters/ modules that are not policies
+INFRASTRUCTURE = {"base", "compose", "model", "registry", "guard", "safety"}  # adapters/ modules that are not policies
 TRANSPORT = ("grpc", "google.protobuf", "prometheus_client", "ttaserve.server", "ttaserve.engine")
 
 

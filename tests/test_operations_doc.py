@@ -42,4 +42,4 @@ def test_every_environment_variable_named_is_one_the_server_reads() -> None:
     settings = {f"TTASERVE_{f.name.upper()}" for f in dataclasses.fields(ServerSettings)}
     named = set(re.findall(r"TTASERVE_[A-Z_]+", _options_section()))
     assert named - settings - TOKEN_VARIABLES == set()
-    assert settings - named == {"TTASERVE_POLICY_PARAMS"}  # --param has no variable
+    assert settings - named == {"TTASERVE_POLICY_PARAMS", "TTASERVE_SAFETY_PARAMS"}  # --param, --safety have none

@@ -123,14 +123,19 @@ def _emit_policies(args: argparse.Namespace, response: Any) -> None:
     _emit(args, response, _table(("POLICY", "PARAMETERS", "DESCRIPTION"), rows))
 
 
+def _fallbacks(info: Any) -> str:
+    """Safety-net fallbacks, with a mark while the session is answered by the source model."""
+    return f"{info.fallbacks}{' (on source)' if info.on_source else ''}"
+
+
 def _sessions(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.action == "list":
         response = client.list_sessions(args.model, args.owner)
         rows = [(s.model, s.owner, _seq(s.sequence_id), s.policy, s.batches, s.samples, f"{s.drift_score:.3f}",
-                 f"{s.entropy:.3f}", s.resets, f"{s.idle_seconds:.0f}s") for s in response.sessions]
+                 f"{s.entropy:.3f}", s.resets, _fallbacks(s), f"{s.idle_seconds:.0f}s") for s in response.sessions]
         _emit(args, response, _table(("MODEL", "OWNER", "SEQUENCE", "POLICY", "BATCHES", "SAMPLES", "DRIFT",
-                                      "ENTROPY", "RESETS", "IDLE"), rows))
+                                      "ENTROPY", "RESETS", "FALLBACKS", "IDLE"), rows))
     elif args.action == "show":
         detail = client.describe(args.model, args.sequence, args.owner)
         lines = [f"{detail.info.model} sequence {args.sequence}: {detail.info.policy}, "
@@ -138,6 +143,9 @@ def _sessions(args: argparse.Namespace) -> int:
                  f"{detail.info.state_bytes} bytes of state"]
         lines += [f"  {k:<24} {v:.4f}" for k, v in sorted(detail.signals.items())]
         lines += [f"  resets[{k}] = {v}" for k, v in sorted(detail.resets_by_reason.items())]
+        lines += [f"  fallbacks[{k}] = {v}" for k, v in sorted(detail.fallbacks_by_reason.items())]
+        if detail.info.on_source:
+            lines.append("  answered by the source model (safety-net cooldown)")
         _emit(args, detail, "\n".join(lines))
     elif args.action == "reset":
         info = client.reset(args.model, args.sequence, args.owner)

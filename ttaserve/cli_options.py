@@ -13,7 +13,7 @@ SETTINGS_FIELDS = (
     "max_batch_size", "session_idle_s", "max_sessions", "strict_sequences", "grace_s", "torch_threads",
     "batch_delay_us", "auth_token_file", "tls_cert", "tls_key", "tls_client_ca", "max_concurrent_rpcs",
     "max_queue", "request_timeout_s", "outlier_divergence", "state_dir", "state_interval_s",
-    "state_max_bytes", "state_max_file_bytes", "state_ttl_s", "max_session_memory", "secret_file",
+    "state_max_bytes", "state_max_file_bytes", "state_ttl_s", "max_session_memory", "secret_file", "safety_net",
 )
 
 _UNITS = {"": 1, "K": 1000, "KB": 1000, "KIB": 1 << 10, "M": 10**6, "MB": 10**6, "MIB": 1 << 20,
@@ -38,7 +38,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from ttaserve.server.settings import ServerSettings
 
     return ServerSettings.from_env(
-        **{f: getattr(args, f, None) for f in SETTINGS_FIELDS}, policy_params=dict(args.params) or None
+        **{f: getattr(args, f, None) for f in SETTINGS_FIELDS}, policy_params=dict(args.params) or None,
+        safety_params=dict(getattr(args, "safety", [])) or None,
     )
 
 
@@ -48,8 +49,8 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 8001)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="Prometheus /metrics port (default 8002; 0 = any free port; -1 = off)")
-    p.add_argument("--policy", default=None, help="default adaptation policy (default source); "
-                   "see 'ttaserve policy list --local'")
+    p.add_argument("--policy", default=None, help="default adaptation policy (default graded-bn, "
+                   "with the safety net; 'source' turns adaptation off); see 'ttaserve policy list --local'")
     p.add_argument("--param", dest="params", action="append", type=param_arg, default=[],
                    metavar="KEY=VALUE", help="parameter of the default policy, e.g. alpha=0.1")
     p.add_argument("--model-repository", default=None, metavar="DIR",
@@ -82,6 +83,10 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outlier-divergence", type=float, default=None,
                    help="batches whose first-BN-layer divergence from source exceeds this do not "
                    "update their session (default 15; 0 = off)")
+    p.add_argument("--no-safety-net", dest="safety_net", action="store_false", default=None,
+                   help="never fall back to the source model when adapting seems to hurt")
+    p.add_argument("--safety", action="append", type=param_arg, default=[], metavar="KEY=VALUE",
+                   help="safety-net threshold, e.g. confident_entropy=0.2 (docs/OPERATIONS.md)")
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help="persist sessions here and restore them at start")
     p.add_argument("--state-interval", dest="state_interval_s", type=float, default=None,

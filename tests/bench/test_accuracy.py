@@ -27,10 +27,11 @@ from ttaserve.cli import main
 from ttaserve.data import load_split
 from ttaserve.models import demo
 
-# A few seconds: two corruptions, 48 images, every stream kind, batch 16 and 1.
+# A few seconds: two corruptions and clean images, 48 images, every stream kind, batch 16 and 1.
 TINY = Config(n=48, n_small=8, n_continual=16, rounds=2, corruptions=("gaussian_noise", "contrast"),
-              streams=("iid", "dirichlet(0.01)", "continual", "mixed"), batch_sizes=(16, 1),
-              rows=tuple(parse_row(r) for r in ("source", "tbn", "tent", "generalist")))
+              streams=("iid", "dirichlet(0.01)", "sorted", "continual", "mixed"), batch_sizes=(16, 1),
+              rows=tuple(parse_row(r) for r in ("source", "tbn", "tent", "generalist", "graded-bn")))
+ROWS = ["source", "tbn", "tent", "generalist", "graded-bn"]
 
 
 @pytest.fixture(scope="module")
@@ -50,34 +51,42 @@ def test_parse_row() -> None:
     assert parse_row("t3(rescale=true,lambda_min=0)").params == (("rescale", True), ("lambda_min", 0))
     assert parse_row("generalist") == Row("generalist", "source", model="generalist")
     assert not parse_row("tent-noguard").guard and not parse_row("tent-noguard").servable
-    for bad in ("nope", "tent(lr=1", ""):
+    assert not parse_row("graded-bn-nosafety").safety and not parse_row("graded-bn-nosafety").servable
+    assert parse_row("tbn+adanpc(adanpc.k=5)") == Row("tbn+adanpc(adanpc.k=5)", "tbn+adanpc", (("adanpc.k", 5),))
+    for bad in ("nope", "tent(lr=1", "", "adanpc+alpha+bn"):
         with pytest.raises(ValueError):
             parse_row(bad)
 
 
 def test_default_rows_cover_every_registered_policy_plus_the_extras() -> None:
     labels = [r.label for r in default_rows()]
-    assert set(policy_names()) | {"generalist", "tent-noguard"} == set(labels)
+    extras = {"generalist", "tent-noguard", "graded-bn-nosafety", "graded-bn+adanpc", "alpha-bn+adanpc"}
+    assert set(policy_names()) | extras == set(labels)
     assert labels[0] == "source" and len(labels) == len(set(labels))
 
 
 def test_grid_runs_one_session_streams_only_at_the_largest_batch() -> None:
     cells = [(s.name, b) for s, b in TINY.cells()]
-    assert cells == [("iid", 16), ("dirichlet(0.01)", 16), ("continual", 16), ("mixed", 16),
-                     ("iid", 1), ("dirichlet(0.01)", 1)]
-    assert len(replace(TINY, full_grid=True).cells()) == 8
-    # per row: 16-batch cells 48 x 2 x 3 (iid, dirichlet, mixed) + continual 16 x 2 x 2 rounds;
-    # batch 1: 8 x 2 x 2
-    assert total_samples(TINY) == 4 * (288 + 64 + 32)
+    assert cells == [("iid", 16), ("dirichlet(0.01)", 16), ("sorted", 16), ("continual", 16), ("mixed", 16),
+                     ("iid", 1), ("dirichlet(0.01)", 1), ("sorted", 1)]
+    assert len(replace(TINY, full_grid=True).cells()) == 10
+    # per row: 16-batch per-domain cells 48 x 3 domains (2 corruptions + clean) x 3 streams,
+    # mixed 48 x 2, continual 16 x 2 x 2 rounds; batch 1: 8 x 3 x 3
+    assert total_samples(TINY) == 5 * (432 + 96 + 64 + 72)
 
 
 def test_result_has_every_cell_row_and_corruption(tiny_result: dict[str, Any]) -> None:
-    assert len(tiny_result["cells"]) == 6
+    assert len(tiny_result["cells"]) == 8
     for cell in tiny_result["cells"]:
-        assert list(cell["rows"]) == ["source", "tbn", "tent", "generalist"]
+        assert list(cell["rows"]) == ROWS
         for values in cell["rows"].values():
             assert set(values["per_corruption"]) == {"gaussian_noise", "contrast"}
             assert 0 <= values["mean_error"] <= 100
+            assert values["unseen_error"] is None  # both corruptions were seen by the generalist
+            if cell["stream"] in ("continual", "mixed"):
+                assert values["clean_error"] is None
+            else:
+                assert 0 <= values["clean_error"] <= 100
     continual = next(c for c in tiny_result["cells"] if c["stream"] == "continual")
     assert len(continual["rows"]["tent"]["per_round"]) == 2
     assert len(continual["rows"]["tent"]["curve"]) == 4
@@ -117,11 +126,14 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tiny_result: dict[str, 
 def test_outputs_written_and_goals_reported(tiny_result: dict[str, Any], tmp_path: Path) -> None:
     paths = write(tiny_result, tmp_path)
     document = json.loads(paths["json"].read_text())
-    assert document["config"]["seed"] == 0 and len(document["goals"]) == 5
+    assert document["config"]["seed"] == 0 and len(document["goals"]) == len(check_goals(tiny_result))
     assert paths["chart"].read_bytes()[:4] == b"\x89PNG"
     text = paths["table"].read_text()
-    assert "| tbn |" in text and "round 2" in text
-    assert all(g["met"] is None for g in check_goals(tiny_result))  # no batch-64 cells here
+    assert "| tbn |" in text and "round 2" in text and "clean images" in text
+    goals = {g["goal"]: g for g in check_goals(tiny_result)}
+    default = [g for name, g in goals.items() if name.startswith("default graded-bn")]
+    assert len(default) == 3 and all(g["met"] is not None for g in default)  # judged at batch 16 and 1
+    assert all(g["met"] is None for name, g in goals.items() if not name.startswith("default"))
 
 
 def test_via_grpc_gives_the_same_numbers_as_in_process(tiny_result: dict[str, Any]) -> None:
@@ -160,5 +172,5 @@ def test_cli_small_run_and_merge(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_cli_rejects_unknown_names(tmp_path: Path) -> None:
     assert main(["bench", "accuracy", "--quick", "--corruptions", "rain", "--out", str(tmp_path)]) == 2
-    assert main(["bench", "accuracy", "--quick", "--streams", "sorted", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "accuracy", "--quick", "--streams", "shuffled", "--out", str(tmp_path)]) == 2
     assert main(["bench", "accuracy", "--quick", "--policies", "magic", "--out", str(tmp_path)]) == 2

@@ -33,19 +33,20 @@ def pairs(episode: Episode) -> list[tuple[int, int]]:
     ("dirichlet:0.1", StreamSpec("dirichlet", 0.1)),
     (" Continual ", StreamSpec("continual")),
     ("mixed", StreamSpec("mixed")),
+    ("sorted", StreamSpec("sorted")),
 ])
 def test_parse_stream(text: str, spec: StreamSpec) -> None:
     assert parse_stream(text) == spec
     assert parse_stream(spec.name) == spec  # the display name parses back
 
 
-@pytest.mark.parametrize("text", ["dirichlet", "dirichlet(0)", "dirichlet(-1)", "sorted", ""])
+@pytest.mark.parametrize("text", ["dirichlet", "dirichlet(0)", "dirichlet(-1)", "shuffled", ""])
 def test_parse_stream_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_stream(text)
 
 
-@pytest.mark.parametrize("stream", ["iid", "dirichlet(0.1)", "dirichlet(0.01)", "continual", "mixed"])
+@pytest.mark.parametrize("stream", ["iid", "dirichlet(0.1)", "dirichlet(0.01)", "sorted", "continual", "mixed"])
 def test_same_seed_same_stream_other_seed_other_stream(stream: str) -> None:
     labels = [balanced_labels(200, seed=d) for d in range(3)]
     spec = parse_stream(stream)
@@ -54,7 +55,7 @@ def test_same_seed_same_stream_other_seed_other_stream(stream: str) -> None:
     assert any(pairs(a) != pairs(b) for a, b in zip(first, other))
 
 
-@pytest.mark.parametrize("stream", ["iid", "dirichlet(0.1)", "dirichlet(0.01)"])
+@pytest.mark.parametrize("stream", ["iid", "dirichlet(0.1)", "dirichlet(0.01)", "sorted"])
 def test_per_domain_streams_show_every_sample_exactly_once(stream: str) -> None:
     labels = [balanced_labels(300, seed=d) for d in range(4)]
     episodes = build(parse_stream(stream), labels, seed=0)
@@ -138,3 +139,11 @@ def test_streams_of_one_domain_do_not_depend_on_the_others() -> None:
     spec = parse_stream("dirichlet(0.1)")
     fewer, more = build(spec, labels[:2], seed=0), build(spec, labels, seed=0)
     assert all(pairs(a) == pairs(b) for a, b in zip(fewer, more))
+
+
+def test_sorted_stream_is_one_run_per_class_in_a_random_class_order() -> None:
+    labels = balanced_labels(300, seed=0)
+    orders = [build(parse_stream("sorted"), [labels], seed)[0].index for seed in (0, 1)]
+    for order in orders:
+        assert run_lengths(labels[order]).numel() == int(torch.unique(labels).numel())
+    assert labels[orders[0]][0] != labels[orders[1]][0] or not torch.equal(orders[0], orders[1])

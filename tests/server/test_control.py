@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.server.conftest import Handle, images, infer_input, running_server
+from ttaserve.adapters import DEFAULT_POLICY
 from ttaserve.cli import main as cli
 from ttaserve.client import ControlClient
 
@@ -45,10 +46,10 @@ def test_model_default_policy_applies_to_new_sessions_only(served: Handle, contr
         assert info.policy == "alpha-bn" and json.loads(info.params_json["alpha"]) == 0.3
         client.infer("demo", [x], sequence_id=502)
         assert served.session(502).params == {"alpha": 0.3}
-        assert served.session(501).policy == "source"
+        assert served.session(501).policy == DEFAULT_POLICY  # the server's default
         assert control.get_policy("demo").policy == "alpha-bn"
     finally:
-        control.set_policy("demo", "source")
+        control.set_policy("demo", DEFAULT_POLICY)
 
 
 def test_sequence_policy_switch_resets_that_session(served: Handle, control: ControlClient) -> None:

@@ -11,6 +11,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.server.conftest import Handle, images, infer_input, running_server
 from ttaserve import Engine
+from ttaserve.adapters import DEFAULT_POLICY
 from ttaserve.models import CLASS_NAMES, demo
 from ttaserve.server.keys import SessionKey
 
@@ -39,7 +40,7 @@ def test_model_config_declares_sequence_batching_and_labels(served: Handle) -> N
 def test_unary_infer_equals_in_process_engine(served: Handle) -> None:
     x = images(16)
     result = served.client().infer("demo", [infer_input(x)])
-    expected = Engine(demo()).predict(torch.from_numpy(x)).numpy()
+    expected = Engine(demo(), DEFAULT_POLICY).predict(torch.from_numpy(x)).numpy()
     np.testing.assert_array_equal(result.as_numpy("logits"), expected)
 
 
@@ -152,7 +153,7 @@ def test_typed_contents_are_accepted(served: Handle) -> None:
     with grpc.insecure_channel(served.url) as channel:
         response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
     logits = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(2, 10)
-    np.testing.assert_array_equal(logits, Engine(demo()).predict(torch.from_numpy(x)).numpy())
+    np.testing.assert_array_equal(logits, Engine(demo(), DEFAULT_POLICY).predict(torch.from_numpy(x)).numpy())
 
 
 def key(sequence_id: int | str) -> SessionKey:

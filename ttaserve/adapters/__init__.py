@@ -16,6 +16,10 @@ from ttaserve.adapters.registry import (
     register,
 )
 
+# The policy of a model that names none, in the server (README "Policies"): adapts, and is
+# watched by the safety net (adapters/safety.py). `--policy source` opts out.
+DEFAULT_POLICY = "graded-bn"
+
 # Every module of this package other than the infrastructure below is a policy; importing
 # it registers it. Adding a policy means adding one module here and nothing elsewhere.
 _INFRASTRUCTURE = {"base", "compose", "model", "registry", "guard", "safety"}
@@ -24,6 +28,7 @@ for _info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
+    "DEFAULT_POLICY",
     "Adapter",
     "ModelError",
     "PolicyError",

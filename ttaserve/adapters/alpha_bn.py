@@ -85,13 +85,13 @@ class AlphaBN:
     def init_state(self, model: PreparedModel) -> TensorState:
         return TensorState()
 
-    def normalization(self, model: PreparedModel, state: TensorState) -> Normalization:
+    def normalization(self, model: PreparedModel, state: TensorState, x: torch.Tensor) -> Normalization:
         return StatelessNormalization(alpha_bn_norm(self.params.alpha))
 
     def forward(
         self, model: PreparedModel, x: torch.Tensor, state: TensorState, adapt: bool = True
     ) -> torch.Tensor:
-        return run_normalized(self.normalization(model, state), model, x, adapt)
+        return run_normalized(self.normalization(model, state, x), model, x, adapt)
 
     def forward_segments(self, model: PreparedModel, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
         with torch.no_grad(), normalizer(alpha_bn_norm(self.params.alpha, offsets)):

@@ -83,8 +83,9 @@ class NormalizationPolicy(Adapter, Protocol):
     """A policy whose whole effect is how BatchNorm layers normalize (alpha-bn, unmix-tns,
     graded-bn): it can sit under a prediction-side policy in a composition."""
 
-    def normalization(self, model: PreparedModel, state: TensorState) -> Normalization:
-        """The normalizer of one forward pass over ``state`` (read now, updated on commit)."""
+    def normalization(self, model: PreparedModel, state: TensorState, x: torch.Tensor) -> Normalization:
+        """The normalizer of the forward pass of ``x`` over ``state`` (read now, updated on
+        commit)."""
 
 
 class StatelessNormalization:

@@ -85,7 +85,7 @@ class Composite:
         self, model: PreparedModel, x: torch.Tensor, state: TensorState, adapt: bool = True
     ) -> torch.Tensor:
         norm_state, pred_state = _part(state, "norm."), _part(state, "pred.")
-        normalization = self.norm.normalization(model, norm_state)  # type: ignore[attr-defined]
+        normalization = self.norm.normalization(model, norm_state, x)  # type: ignore[attr-defined]
         with normalizer(normalization.hook):
             logits = self.pred.forward(model, x, pred_state, adapt)
         if adapt:

@@ -25,7 +25,10 @@ statistics):
   Shallow layers follow the batch, deep layers the long-run estimate.
 * ``B r`` is the batch's weight: its size B times ``r`` in [0, 1], the label diversity of the
   last ``window`` predictions (effective number of classes exp(H), rescaled so one class
-  gives 0 and a uniform spread gives 1). A batch of one label (a camera looking at one
+  gives 0 and as many classes as possible gives 1). A session's first batch has no past:
+  the source model's predictions of its first 16 samples stand in (one small extra
+  forward per session; a confidently recognised one-class batch then gets little weight,
+  where assuming diversity cost 1.5 points on label-sorted clean streams). A batch of one label (a camera looking at one
   kind of object) gets little weight however large it is; an i.i.d. batch gets its size.
   At batch size 1 the batch is worth one sample, so instance statistics never dominate.
 * After the prediction, the running estimate moves toward the batch's moments by
@@ -52,9 +55,11 @@ from typing import ClassVar
 import torch
 
 from ttaserve.adapters.base import Normalization, TensorState, run_normalized
-from ttaserve.adapters.model import AdaptiveBatchNorm2d, PreparedModel
+from ttaserve.adapters.model import AdaptiveBatchNorm2d, PreparedModel, normalizer
 from ttaserve.adapters.registry import register
 from ttaserve.kernels.norm import batch_moments, normalize
+
+PRIMING = 16  # samples of a session's first batch whose source predictions prime the window
 
 
 @dataclass(frozen=True)
@@ -109,10 +114,10 @@ def mixed(weight: float, mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torc
 def push(window: torch.Tensor, seen: int, labels: torch.Tensor) -> torch.Tensor:
     """The ring buffer ``window`` after appending ``labels`` (stream positions kept)."""
     size = window.numel()
-    labels = labels[-size:]
-    start = seen + (labels.numel() if labels.numel() < size else size) - labels.numel()
+    kept = labels[-size:]
+    start = seen + labels.numel() - kept.numel()  # stream position of the first kept label
     out = window.clone()
-    out[(torch.arange(labels.numel()) + start) % size] = labels
+    out[(torch.arange(kept.numel()) + start) % size] = kept
     return out
 
 
@@ -121,9 +126,9 @@ class _GradedNormalization:
     commits them to the state afterwards."""
 
     def __init__(self, params: GradedBNParams, state: TensorState, priors: list[float],
-                 num_classes: int) -> None:
+                 num_classes: int, diversity: float) -> None:
         self.params, self.state, self.priors, self.num_classes = params, state, priors, num_classes
-        self.diversity = label_diversity(state["window"], num_classes)
+        self.diversity = diversity  # of the predictions before this batch
         self.seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def hook(self, layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
@@ -175,14 +180,23 @@ class GradedBN:
             state[f"var.{layer.index}"] = layer.running_var.detach().clone().float()
         return state
 
-    def normalization(self, model: PreparedModel, state: TensorState) -> Normalization:
+    def normalization(self, model: PreparedModel, state: TensorState, x: torch.Tensor) -> Normalization:
         priors = layer_priors(self.params, len(model.bn_layers))
-        return _GradedNormalization(self.params, state, priors, max(model.num_classes, 1))
+        classes = max(model.num_classes, 1)
+        window = state["window"]
+        if int(state["seen"]) == 0 and x.shape[0] > 1:
+            # Nothing is known yet about this stream's labels: judge the first batch's
+            # diversity from the source model's predictions of a few of its samples (the
+            # window itself only ever holds adapted predictions).
+            with torch.no_grad(), normalizer(None):
+                window = push(window, 0, model(x[:PRIMING]).argmax(1))
+        diversity = label_diversity(window, classes)
+        return _GradedNormalization(self.params, state, priors, classes, diversity)
 
     def forward(
         self, model: PreparedModel, x: torch.Tensor, state: TensorState, adapt: bool = True
     ) -> torch.Tensor:
-        return run_normalized(self.normalization(model, state), model, x, adapt)
+        return run_normalized(self.normalization(model, state, x), model, x, adapt)
 
     def signals(self, state: TensorState) -> dict[str, float]:
         return {"label_diversity": float(state["diversity"])}

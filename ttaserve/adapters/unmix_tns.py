@@ -231,13 +231,13 @@ class UnMixTNS:
             state[_key(layer.index, "vars")] = variances
         return state
 
-    def normalization(self, model: PreparedModel, state: TensorState) -> Normalization:
+    def normalization(self, model: PreparedModel, state: TensorState, x: torch.Tensor) -> Normalization:
         return _UnMixNormalization(self.params, state)
 
     def forward(
         self, model: PreparedModel, x: torch.Tensor, state: TensorState, adapt: bool = True
     ) -> torch.Tensor:
-        return run_normalized(self.normalization(model, state), model, x, adapt)
+        return run_normalized(self.normalization(model, state, x), model, x, adapt)
 
     def signals(self, state: TensorState) -> dict[str, float]:
         """How far apart the components are (RMS distance of component means from their

@@ -4,6 +4,9 @@ Every prediction goes through :meth:`ttaserve.Engine.predict`, the code path of 
 (or, with ``via_grpc``, through the server itself: :mod:`ttaserve.bench.accuracy_grpc`).
 Each episode of a stream (:mod:`ttaserve.bench.streams`) runs in a fresh session; the error
 of a cell (stream, batch size) is the mean over corruptions of the per-corruption error.
+With ``clean`` the uncorrupted images are one more domain of the per-corruption streams
+(iid, dirichlet, sorted), reported apart (``clean_error``): adapting must not hurt there.
+``unseen_error`` is the mean over the corruptions the T3 generalist never saw in training.
 
 Sizes: ``n`` images per corruption (a subset of the split fixed by the seed), a prefix of
 it at batch size 1 (``n_small``) and per round of the continual stream (``n_continual``).
@@ -25,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ttaserve.adapters import PreparedModel, policy_names, prepare
+from ttaserve.adapters import PolicyError, PreparedModel, canonical, policy_names, prepare
 from ttaserve.bench.accuracy_grpc import predictor_factory
 from ttaserve.bench.accuracy_rows import EnginePredictor, Predictor, Row, engine_for
-from ttaserve.bench.corruptions import CORRUPTIONS, corrupt
+from ttaserve.bench.corruptions import CORRUPTIONS, GENERALIST_SEEN, corrupt
 from ttaserve.bench.streams import Episode, StreamSpec, build, generator, parse_stream
 from ttaserve.cli_args import param
 from ttaserve.data import load_split
@@ -36,35 +39,48 @@ from ttaserve.data import load_split
 __all__ = ["Config", "Row", "default_rows", "parse_row", "quick_config", "run"]
 
 # Table order; policies registered later are appended in name order.
-_ORDER = ("source", "generalist", "alpha-bn", "tbn", "unmix-tns", "adanpc", "tent",
-          "tent-noguard", "ecotta", "t3", "t3-b")
-_ROW = re.compile(r"^([a-z0-9_-]+)(?:\((.*)\))?$")
+_ORDER = ("source", "generalist", "graded-bn", "graded-bn-nosafety", "alpha-bn", "tbn", "unmix-tns",
+          "adanpc", "graded-bn+adanpc", "alpha-bn+adanpc", "tent", "tent-noguard", "ecotta", "t3", "t3-b")
+_ROW = re.compile(r"^([a-z0-9_+-]+)(?:\((.*)\))?$")
+# Compositions in the default table: AdaNPC over each kind of normalization.
+_COMPOSED = ("graded-bn+adanpc", "alpha-bn+adanpc")
 _SHARED_ONLY = ("continual", "mixed")  # streams of one long session
 
 
 _EXTRAS = {
     "generalist": Row("generalist", "source", model="generalist"),
     "tent-noguard": Row("tent-noguard", "tent", guard=False),
+    "graded-bn-nosafety": Row("graded-bn-nosafety", "graded-bn", safety=False),
 }
 
 
 def parse_row(text: str) -> Row:
-    """``POLICY``, ``POLICY(k=v,...)`` (values as for ``--param``), ``generalist`` (source on the generalist twin) or
-    ``tent-noguard`` (tent with the collapse guard off)."""
+    """``POLICY``, ``NORM+PRED``, ``POLICY(k=v,...)`` (values as for ``--param``), ``generalist``
+    (source on the generalist twin), ``tent-noguard`` (tent with the collapse guard off) or
+    ``graded-bn-nosafety`` (graded-bn with the safety net off)."""
     text = text.strip()
     if text in _EXTRAS:
         return _EXTRAS[text]
     match = _ROW.match(text)
-    if not match or match.group(1) not in policy_names():
+    if not match or not _known(match.group(1)):
         raise ValueError(f"unknown policy row {text!r}; use one of {', '.join(policy_names())}, "
                          f"{', '.join(_EXTRAS)} or POLICY(key=value,...)")
     params = tuple(param(p) for p in (match.group(2) or "").split(",") if p.strip())
     return Row(text, match.group(1), params)
 
 
+def _known(name: str) -> bool:
+    try:
+        canonical(name)
+    except PolicyError:
+        return False
+    return True
+
+
 def default_rows() -> tuple[Row, ...]:
-    """Every registered policy with its defaults, plus the two extra rows the goals need."""
-    names = [*policy_names(), *_EXTRAS]
+    """Every registered policy with its defaults, the compositions and the extra rows the
+    goals need."""
+    names = [*policy_names(), *_COMPOSED, *_EXTRAS]
     ordered = [n for n in _ORDER if n in names] + sorted(set(names) - set(_ORDER))
     return tuple(parse_row(n) for n in ordered)
 
@@ -73,13 +89,14 @@ def default_rows() -> tuple[Row, ...]:
 class Config:
     seed: int = 0
     n: int = 600  # images per corruption (batch sizes > 1)
-    n_small: int = 80  # images per corruption at batch size 1
+    n_small: int = 200  # images per corruption at batch size 1
     n_continual: int = 400  # images per corruption per round of the continual stream
     rounds: int = 3
     severity: int = 5
     split: str = "test"  # "train" for validation runs (parameter choices)
     corruptions: tuple[str, ...] = CORRUPTIONS
-    streams: tuple[str, ...] = ("iid", "dirichlet(0.1)", "dirichlet(0.01)", "continual", "mixed")
+    streams: tuple[str, ...] = ("iid", "dirichlet(0.1)", "dirichlet(0.01)", "sorted", "continual", "mixed")
+    clean: bool = True  # also run the per-corruption streams on the uncorrupted images
     batch_sizes: tuple[int, ...] = (64, 16, 1)
     full_grid: bool = False  # also run continual/mixed at the smaller batch sizes
     rows: tuple[Row, ...] = field(default_factory=default_rows)
@@ -92,6 +109,11 @@ class Config:
         return [(parse_stream(s), b) for b in sorted(self.batch_sizes, reverse=True)
                 for s in self.streams
                 if self.full_grid or b == largest or parse_stream(s).kind not in _SHARED_ONLY]
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """Names of the pools: the corruptions, then ``clean`` if asked for."""
+        return (*self.corruptions, "clean") if self.clean else self.corruptions
 
     def images(self, spec: StreamSpec, batch: int) -> int:
         n = self.n_small if batch == 1 else self.n
@@ -124,6 +146,8 @@ def make_pools(config: Config) -> Pools:
     images = x[chosen]
     xs = [corrupt(images, name, config.severity, seed=config.seed * 1000 + i)
           for i, name in enumerate(config.corruptions)]
+    if config.clean:
+        xs.append(images)
     return Pools(torch.stack(xs), y[chosen].expand(len(xs), -1), chosen)
 
 
@@ -149,12 +173,17 @@ def run_episode(predictor: Predictor, episode: Episode, pools: Pools, batch: int
 
 def summarize(spec: StreamSpec, episodes: list[Episode], correct: list[torch.Tensor],
               resets: list[int | None], names: tuple[str, ...]) -> dict[str, Any]:
-    """Error (%) overall, per corruption, per round and per block (round, corruption)."""
+    """Error (%) over the corruptions, per corruption, on clean images, on the corruptions
+    the generalist never saw, per round and per block (round, corruption)."""
     domain = torch.cat([e.domain for e in episodes])
     rounds = torch.cat([e.round for e in episodes])
     wrong = (~torch.cat(correct)).double()
-    per = {name: _pct(wrong[domain == d]) for d, name in enumerate(names)}
-    out: dict[str, Any] = {"mean_error": float(np.mean(list(per.values()))), "per_corruption": per,
+    per = {name: _pct(wrong[domain == d]) for d, name in enumerate(names) if bool((domain == d).any())}
+    corrupted = {k: v for k, v in per.items() if k != "clean"}
+    unseen = [v for k, v in corrupted.items() if k not in GENERALIST_SEEN]
+    out: dict[str, Any] = {"mean_error": float(np.mean(list(corrupted.values()))), "per_corruption": corrupted,
+                           "clean_error": per.get("clean"),
+                           "unseen_error": float(np.mean(unseen)) if unseen else None,
                            "resets": None if None in resets else sum(r or 0 for r in resets)}
     if spec.kind == "continual":
         blocks = [[_pct(wrong[(rounds == r) & (domain == d)]) for d in range(len(names))]
@@ -209,7 +238,9 @@ def _default_factory(config: Config, models: dict[str, PreparedModel]) -> Callab
 def _plan(config: Config, spec: StreamSpec, batch: int,
           pools: Pools) -> tuple[StreamSpec, int, list[Episode]]:
     n = config.images(spec, batch)
-    return spec, batch, build(spec, list(pools.y[:, :n]), config.seed, config.rounds)
+    # Continual and mixed streams are made of the corruptions; clean is a per-domain stream.
+    domains = len(config.domains) if spec.per_domain else len(config.corruptions)
+    return spec, batch, build(spec, list(pools.y[:domains, :n]), config.seed, config.rounds)
 
 
 def _run_cell(predictor: Predictor, spec: StreamSpec, batch: int, episodes: list[Episode],
@@ -218,14 +249,14 @@ def _run_cell(predictor: Predictor, spec: StreamSpec, batch: int, episodes: list
     tick = (lambda k: progress(k, label)) if progress else (lambda k: None)
     outcomes = [run_episode(predictor, e, pools, batch, f"{spec.name}/b{batch}/{i}", tick)
                 for i, e in enumerate(episodes)]
-    return summarize(spec, episodes, [c for c, _ in outcomes], [r for _, r in outcomes], config.corruptions)
+    return summarize(spec, episodes, [c for c, _ in outcomes], [r for _, r in outcomes], config.domains)
 
 
 def total_samples(config: Config) -> int:
     """Samples the whole run predicts (for a progress bar)."""
     per_row = 0
     for spec, batch in config.cells():
-        n = config.images(spec, batch) * len(config.corruptions)
+        n = config.images(spec, batch) * len(config.domains if spec.per_domain else config.corruptions)
         per_row += n * (config.rounds if spec.kind == "continual" else 1)
     return per_row * len(config.rows)
 

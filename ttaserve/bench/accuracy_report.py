@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ttaserve.adapters import DEFAULT_POLICY
 from ttaserve.bench.accuracy import iter_rows
 from ttaserve.bench.charts import draw
 
@@ -38,6 +39,9 @@ def table(result: dict[str, Any]) -> str:
     for row in iter_rows(result):
         values = [c["rows"].get(row, {}).get("mean_error") for c in cells]
         lines.append(f"| {row} | " + " | ".join(_fmt(v) for v in values) + " |")
+    lines += _extra_table(result, "clean_error", "clean images (no corruption), same streams: error (%)")
+    lines += _extra_table(result, "unseen_error",
+                          "corruptions the T3 generalist never saw in training (blur, weather, digital): mean error (%)")
     for cell in (c for c in cells if c["stream"] == "continual"):
         rounds = max(len(v.get("per_round", [])) for v in cell["rows"].values())
         lines += ["", f"continual, batch {cell['batch']}: error per round (%)", "",
@@ -50,6 +54,18 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _extra_table(result: dict[str, Any], key: str, title: str) -> list[str]:
+    """A table of one more per-cell value (rows x the cells that have it), or nothing."""
+    cells = [c for c in result["cells"] if any(v.get(key) is not None for v in c["rows"].values())]
+    if not cells:
+        return []
+    lines = ["", title, "", "| policy | " + " | ".join(_column(c) for c in cells) + " |",
+             "|---|" + "---:|" * len(cells)]
+    for row in iter_rows(result):
+        lines.append(f"| {row} | " + " | ".join(_fmt(c["rows"].get(row, {}).get(key)) for c in cells) + " |")
+    return lines
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.1f}"
 
@@ -60,8 +76,57 @@ def _goal(name: str, met: bool | None, detail: str) -> dict[str, Any]:
 
 def check_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The accuracy goals (docs/BENCHMARKS.md "Accuracy") on this result (``met`` is None when not measured)."""
-    return [_iid_goal(result), _dirichlet_goal(result), _batch1_goal(result),
-            _continual_goal(result), _mixed_goal(result)]
+    return [*default_goals(result), _composition_goal(result), _iid_goal(result), _dirichlet_goal(result),
+            _batch1_goal(result), _continual_goal(result), _mixed_goal(result)]
+
+
+_DEFAULT_STREAMS = ("iid", "dirichlet(0.01)", "sorted", "continual", "mixed")
+_CORRELATED = ("dirichlet(0.01)", "sorted")
+
+
+def default_goals(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The server's default policy: never more than 1 point worse than source on any stream
+    (clean images included), iid within 1.15x of tbn's iid error, label-correlated within
+    1.2x of tbn's iid error, at every batch size measured."""
+    name = DEFAULT_POLICY
+    cells = [c for c in r["cells"] if c["stream"] in _DEFAULT_STREAMS and name in c["rows"] and "source" in c["rows"]]
+    if not cells:
+        return [_goal(f"default policy {name}: goals", None, "not measured")]
+    worse, tbn_ratio = [], []
+    for c in cells:
+        for key, label in (("mean_error", ""), ("clean_error", " clean")):
+            mine, source = c["rows"][name].get(key), c["rows"]["source"].get(key)
+            if mine is not None and source is not None:
+                worse.append((f"{_column(c)}{label}", mine - source))
+        tbn_iid = _error(r, "iid", c["batch"], "tbn")
+        if c["stream"] in ("iid", *_CORRELATED) and tbn_iid:
+            tbn_ratio.append((c["stream"], c["batch"], c["rows"][name]["mean_error"] / tbn_iid))
+    bad = [f"{k} {d:+.1f}" for k, d in worse if d > 1.0]
+    iid = [(b, q) for s, b, q in tbn_ratio if s == "iid"]
+    corr = [(s, b, q) for s, b, q in tbn_ratio if s != "iid"]
+    return [
+        _goal(f"default {name}: never worse than source by more than 1 point (every stream, clean too)",
+              not bad, f"worst {max(d for _, d in worse):+.1f} points; over 1: {bad or 'none'}"),
+        _goal(f"default {name}: iid within 1.15x of tbn's iid error", all(q <= 1.15 for _, q in iid) if iid else None,
+              "; ".join(f"b{b} {q:.2f}x" for b, q in iid) or "not measured"),
+        _goal(f"default {name}: dirichlet(0.01)/sorted within 1.2x of tbn's iid error",
+              all(q <= 1.2 for *_, q in corr) if corr else None,
+              "; ".join(f"{s} b{b} {q:.2f}x" for s, b, q in corr) or "not measured"),
+    ]
+
+
+def _composition_goal(r: dict[str, Any]) -> dict[str, Any]:
+    """Reported either way: does adanpc over a normalization policy beat both parts alone?"""
+    name = "composition: NORM+adanpc vs NORM and adanpc alone (reported, not a target)"
+    parts = []
+    for norm in ("graded-bn", "alpha-bn"):
+        for stream in ("iid", "sorted"):
+            values = [_error(r, stream, 64, k) for k in (f"{norm}+adanpc", norm, "adanpc")]
+            if None not in values:
+                both, alone, knn = values
+                parts.append(f"{norm}+adanpc {stream} b64 {both:.1f} vs {norm} {alone:.1f}, adanpc {knn:.1f}"
+                             f" ({'beats both' if both < min(alone, knn) else 'does not beat both'})")
+    return _goal(name, None, "; ".join(parts) or "not measured")
 
 
 def _iid_goal(r: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch
 
 from ttaserve.adapters import PreparedModel
 from ttaserve.adapters.guard import GuardConfig
+from ttaserve.adapters.safety import SafetyConfig
 from ttaserve.engine import Engine
 
 __all__ = ["EnginePredictor", "Predictor", "Row", "engine_for"]
@@ -28,11 +29,12 @@ class Row:
     params: tuple[tuple[str, Any], ...] = ()
     model: str = "demo"  # "demo" (the expert) or "generalist" (T3's other model)
     guard: bool = True  # the engine's collapse guard (on in the server)
+    safety: bool = True  # the engine's safety net (on in the server)
 
     @property
     def servable(self) -> bool:
-        """Whether the stock server can run this row (it serves the demo, guard on)."""
-        return self.model == "demo" and self.guard
+        """Whether the stock server can run this row (it serves the demo, guard and net on)."""
+        return self.model == "demo" and self.guard and self.safety
 
 
 
@@ -68,6 +70,6 @@ class EnginePredictor:
 
 def engine_for(row: Row, models: dict[str, PreparedModel]) -> Engine:
     return Engine(models[row.model], row.policy, guard=GuardConfig(enabled=row.guard), track_drift=False,
-                  **dict(row.params))
+                  safety=SafetyConfig(enabled=row.safety), **dict(row.params))
 
 

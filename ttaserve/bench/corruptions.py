@@ -11,6 +11,11 @@ OpenCV and scikit-image, draw from NumPy's global random state and loop in Pytho
 image (up to ~7 ms an image). Here everything is batched torch code.
 
 Adapting the constants to 28x28 (documented choices):
+- The three noises take ImageNet-C's per-severity levels, not CIFAR-10-C's: on
+  Fashion-MNIST, CIFAR-10-C's noise left the demo model at 32 % error at severity 5, far
+  from the 60-85 % the family is meant to reach; ImageNet-C's give 84 % (gaussian) and
+  73 % (impulse). Shot noise stays milder (38 %): Poisson noise is zero where the image is
+  black, and Fashion-MNIST's background is black.
 - Constants that are fractions of the image side (elastic displacement, affine jitter and
   smoothness; the pixelate ratio) are taken times 28 instead of 32.
 - Constants in pixels (blur radii, motion streaks, zoom factors, snow flake sizes) are kept
@@ -55,7 +60,7 @@ import torch
 
 from ttaserve.bench import image_ops as ops
 
-__all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt"]
+__all__ = ["CORRUPTIONS", "GENERALIST_SEEN", "SEVERITIES", "corrupt"]
 
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise",
@@ -76,11 +81,18 @@ CORRUPTIONS: tuple[str, ...] = (
 )
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
+# The corruption families the T3 generalist twin was trained against (models/train.py,
+# ``augment``: additive noise, contrast and brightness jitter); T3 is also reported on the
+# others, which neither of its models saw.
+GENERALIST_SEEN: tuple[str, ...] = ("gaussian_noise", "shot_noise", "impulse_noise", "brightness", "contrast")
+
 # Per-severity constants (severity 1..5): CIFAR-10-C's, except where the module docstring says.
 _CONSTANTS: dict[str, tuple] = {
-    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),  # noise std
-    "shot_noise": (500, 250, 100, 75, 50),  # photons at white
-    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),  # fraction of pixels hit
+    # Noise: ImageNet-C's levels (CIFAR-10-C's are tuned for 32-px color images and left
+    # this model at 32 % error at severity 5; these give 60-85 % on gaussian and impulse).
+    "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),  # noise std
+    "shot_noise": (60, 25, 12, 5, 3),  # photons at white
+    "impulse_noise": (0.03, 0.06, 0.09, 0.17, 0.27),  # fraction of pixels hit
     "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),  # radius, alias
     "glass_blur": (
         (0.4, 1, 1),

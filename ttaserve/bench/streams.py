@@ -17,6 +17,9 @@ corruption a sample comes from and its position in that corruption's image pool.
   4. the stream is slot 0, slot 1, ...
   Small δ puts nearly all of a class into one slot: long runs of one label. Large δ spreads
   every class over every slot, approaching a stream cycling through classes.
+- ``sorted``: one episode per corruption, sorted by label: the classes in a random order,
+  each class's images shuffled and contiguous (the most label-correlated stream: a camera
+  that sees one kind of object after another).
 - ``continual``: one episode: the corruptions in their standard order, each shuffled,
   repeated for ``rounds`` rounds (reshuffled every round), no reset in between.
 - ``mixed``: one episode: the images of all corruptions shuffled together.
@@ -35,14 +38,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Episode", "StreamSpec", "build", "dirichlet_order", "iid_order", "parse_stream"]
+__all__ = ["Episode", "StreamSpec", "build", "dirichlet_order", "iid_order", "parse_stream", "sorted_order"]
 
 _DIRICHLET = re.compile(r"^dirichlet[(:]([0-9.eE+-]+)\)?$")
 
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """A stream kind and its parameter: ``iid``, ``dirichlet`` (δ), ``continual``, ``mixed``."""
+    """A stream kind and its parameter: ``iid``, ``dirichlet`` (δ), ``sorted``, ``continual``,
+    ``mixed``."""
 
     kind: str
     delta: float = 0.0  # dirichlet only
@@ -54,13 +58,13 @@ class StreamSpec:
     @property
     def per_domain(self) -> bool:
         """True when every corruption is its own episode (fresh session each)."""
-        return self.kind in ("iid", "dirichlet")
+        return self.kind in ("iid", "dirichlet", "sorted")
 
 
 def parse_stream(text: str) -> StreamSpec:
-    """``iid``, ``continual``, ``mixed``, ``dirichlet(0.01)`` or ``dirichlet:0.01``."""
+    """``iid``, ``sorted``, ``continual``, ``mixed``, ``dirichlet(0.01)`` or ``dirichlet:0.01``."""
     text = text.strip().lower()
-    if text in ("iid", "continual", "mixed"):
+    if text in ("iid", "sorted", "continual", "mixed"):
         return StreamSpec(text)
     match = _DIRICHLET.match(text)
     if match:
@@ -68,7 +72,7 @@ def parse_stream(text: str) -> StreamSpec:
         if delta > 0:
             return StreamSpec("dirichlet", delta)
     raise ValueError(f"unknown stream {text!r}; use iid, dirichlet(DELTA) with DELTA > 0, "
-                     "continual or mixed")
+                     "sorted, continual or mixed")
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,16 @@ def dirichlet_order(labels: torch.Tensor, delta: float, gen: torch.Generator,
     return torch.cat(order)
 
 
+def sorted_order(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A permutation of ``range(len(labels))`` that groups the labels: classes in a random
+    order, each class's members shuffled."""
+    classes = torch.unique(labels)
+    rank = torch.empty(int(classes.max()) + 1, dtype=torch.long)
+    rank[classes[torch.randperm(classes.numel(), generator=gen)]] = torch.arange(classes.numel())
+    shuffled = torch.randperm(labels.numel(), generator=gen)
+    return shuffled[torch.argsort(rank[labels[shuffled]], stable=True)]
+
+
 def _dirichlet(concentration: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One Dirichlet draw from ``gen`` (torch's distribution ignores generators).
 
@@ -159,6 +173,8 @@ def _order(spec: StreamSpec, labels: torch.Tensor, seed: int, domain: int) -> to
     gen = generator(seed, spec.name, domain)
     if spec.kind == "iid":
         return iid_order(len(labels), gen)
+    if spec.kind == "sorted":
+        return sorted_order(labels, gen)
     return dirichlet_order(labels, spec.delta, gen)
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n\rcontrol.proto\x12\x0bttaserve.v1\"6\n\nSequenceId\x12\x10\n\x06number\x18\x01 \x01(\x03H\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"v\n\x0fParameterSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_json\x18\x03 \x01(\t\x12\r\n\x05\x66ixed\x18\x04 \x01(\x08\x12\x10\n\x08min_json\x18\x05 \x01(\t\x12\x10\n\x08max_json\x18\x06 \x01(\t\"h\n\x11PolicyDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x30\n\nparameters\x18\x03 \x03(\x0b\x32\x1c.ttaserve.v1.ParameterSchema\"\x15\n\x13ListPoliciesRequest\"H\n\x14ListPoliciesResponse\x12\x30\n\x08policies\x18\x01 \x03(\x0b\x32\x1e.ttaserve.v1.PolicyDescription\"^\n\x10GetPolicyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x0bsequence_id\x18\x02 \x01(\x0b\x32\x17.ttaserve.v1.SequenceId\x12\r\n\x05owner\x18\x03 \x01(\t\"\xe5\x01\n\x10SetPolicyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x0bsequence_id\x18\x02 \x01(\x0b\x32\x17.ttaserve.v1.SequenceId\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x42\n\x0bparams_json\x18\x04 \x03(\x0b\x32-.ttaserve.v1.SetPolicyRequest.ParamsJsonEntry\x12\r\n\x05owner\x18\x05 \x01(\t\x1a\x31\n\x0fParamsJsonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd9\x01\n\nPolicyInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x0bsequence_id\x18\x02 \x01(\x0b\x32\x17.ttaserve.v1.SequenceId\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12<\n\x0bparams_json\x18\x04 \x03(\x0b\x32\'.ttaserve.v1.PolicyInfo.ParamsJsonEntry\x12\r\n\x05owner\x18\x05 \x01(\t\x1a\x31\n\x0fParamsJsonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x13ListSessionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"\xec\x01\n\x0bSessionInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x0bsequence_id\x18\x02 \x01(\x0b\x32\x17.ttaserve.v1.SequenceId\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61tches\x18\x04 \x01(\x04\x12\x0f\n\x07samples\x18\x05 \x01(\x04\x12\x14\n\x0cidle_seconds\x18\x06 \x01(\x01\x12\x13\n\x0b\x64rift_score\x18\x07 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x08 \x01(\x01\x12\x0e\n\x06resets\x18\t \x01(\x04\x12\x13\n\x0bstate_bytes\x18\n \x01(\x04\x12\r\n\x05owner\x18\x0b \x01(\t\"B\n\x14ListSessionsResponse\x12*\n\x08sessions\x18\x01 \x03(\x0b\x32\x18.ttaserve.v1.SessionInfo\"X\n\nSessionRef\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x0bsequence_id\x18\x02 \x01(\x0b\x32\x17.ttaserve.v1.SequenceId\x12\r\n\x05owner\x18\x03 \x01(\t\"\x99\x04\n\rSessionDetail\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x18.ttaserve.v1.SessionInfo\x12\x38\n\x07signals\x18\x02 \x03(\x0b\x32\'.ttaserve.v1.SessionDetail.SignalsEntry\x12H\n\x10resets_by_reason\x18\x03 \x03(\x0b\x32..ttaserve.v1.SessionDetail.ResetsByReasonEntry\x12I\n\x10layer_divergence\x18\x04 \x03(\x0b\x32/.ttaserve.v1.SessionDetail.LayerDivergenceEntry\x12?\n\x0bparams_json\x18\x05 \x03(\x0b\x32*.ttaserve.v1.SessionDetail.ParamsJsonEntry\x1a.\n\x0cSignalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13ResetsByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x36\n\x14LayerDivergenceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fParamsJsonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x08Snapshot\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"N\n\x15RestoreSessionRequest\x12\'\n\x06target\x18\x01 \x01(\x0b\x32\x17.ttaserve.v1.SessionRef\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xf5\x04\n\x11\x41\x64\x61ptationService\x12U\n\x0cListPolicies\x12 .ttaserve.v1.ListPoliciesRequest\x1a!.ttaserve.v1.ListPoliciesResponse\"\x00\x12\x45\n\tGetPolicy\x12\x1d.ttaserve.v1.GetPolicyRequest\x1a\x17.ttaserve.v1.PolicyInfo\"\x00\x12\x45\n\tSetPolicy\x12\x1d.ttaserve.v1.SetPolicyRequest\x1a\x17.ttaserve.v1.PolicyInfo\"\x00\x12U\n\x0cListSessions\x12 .ttaserve.v1.ListSessionsRequest\x1a!.ttaserve.v1.ListSessionsResponse\"\x00\x12H\n\x0f\x44\x65scribeSession\x12\x17.ttaserve.v1.SessionRef\x1a\x1a.ttaserve.v1.SessionDetail\"\x00\x12\x43\n\x0cResetSession\x12\x17.ttaserve.v1.SessionRef\x1a\x18.ttaserve.v1.SessionInfo\"\x00\x12\x43\n\x0fSnapshotSession\x12\x17.ttaserve.v1.SessionRef\x1a\x15.ttaserve.v1.Snapshot\"\x00\x12P\n\x0eRestoreSession\x12\".ttaserve.v1.RestoreSessionRequest\x1a\x18.ttaserve.v1.SessionInfo\"\x00\x62\x06proto3')
+DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n\rcontrol.proto\x12\x0bttaserve.v1\"6\n\nSequenceId\x12\x10\n\x06number\x18\x01 \x01(\x03H\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"v\n\x0fParameterSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_json\x18\x03 \x01(\t\x12\r\n\x05\x66ixed\x18\x04 \x01(\x08\x12\x10\n\x08min_json\x18\x05 \x01(\t\x12\x10\n\x08max_json\x18\x06 \x01(\t\"h\n\x11PolicyDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x30\n\nparameters\x18\x03 \x03(\x0b\x32\x1c.ttaserve.v1.ParameterSchema\"\x15\n\x13ListPoliciesRequest\"H\n\x14ListPoliciesResponse\x12\x30\n\x08policies\x18\x01 \x03(\x0b\x32\x1e.ttaserve.v1.PolicyDescription\"^\n\x10GetPolicyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x0bsequence_id\x18\x02 \x01(\x0b\x32\x17.ttaserve.v1.SequenceId\x12\r\n\x05owner\x18\x03 \x01(\t\"\xe5\x01\n\x10SetPolicyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x0bsequence_id\x18\x02 \x01(\x0b\x32\x17.ttaserve.v1.SequenceId\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x42\n\x0bparams_json\x18\x04 \x03(\x0b\x32-.ttaserve.v1.SetPolicyRequest.ParamsJsonEntry\x12\r\n\x05owner\x18\x05 \x01(\t\x1a\x31\n\x0fParamsJsonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd9\x01\n\nPolicyInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x0bsequence_id\x18\x02 \x01(\x0b\x32\x17.ttaserve.v1.SequenceId\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12<\n\x0bparams_json\x18\x04 \x03(\x0b\x32\'.ttaserve.v1.PolicyInfo.ParamsJsonEntry\x12\r\n\x05owner\x18\x05 \x01(\t\x1a\x31\n\x0fParamsJsonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x13ListSessionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"\x92\x02\n\x0bSessionInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x0bsequence_id\x18\x02 \x01(\x0b\x32\x17.ttaserve.v1.SequenceId\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61tches\x18\x04 \x01(\x04\x12\x0f\n\x07samples\x18\x05 \x01(\x04\x12\x14\n\x0cidle_seconds\x18\x06 \x01(\x01\x12\x13\n\x0b\x64rift_score\x18\x07 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x08 \x01(\x01\x12\x0e\n\x06resets\x18\t \x01(\x04\x12\x13\n\x0bstate_bytes\x18\n \x01(\x04\x12\r\n\x05owner\x18\x0b \x01(\t\x12\x11\n\tfallbacks\x18\x0c \x01(\x04\x12\x11\n\ton_source\x18\r \x01(\x08\"B\n\x14ListSessionsResponse\x12*\n\x08sessions\x18\x01 \x03(\x0b\x32\x18.ttaserve.v1.SessionInfo\"X\n\nSessionRef\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x0bsequence_id\x18\x02 \x01(\x0b\x32\x17.ttaserve.v1.SequenceId\x12\r\n\x05owner\x18\x03 \x01(\t\"\xa3\x05\n\rSessionDetail\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x18.ttaserve.v1.SessionInfo\x12\x38\n\x07signals\x18\x02 \x03(\x0b\x32\'.ttaserve.v1.SessionDetail.SignalsEntry\x12H\n\x10resets_by_reason\x18\x03 \x03(\x0b\x32..ttaserve.v1.SessionDetail.ResetsByReasonEntry\x12I\n\x10layer_divergence\x18\x04 \x03(\x0b\x32/.ttaserve.v1.SessionDetail.LayerDivergenceEntry\x12?\n\x0bparams_json\x18\x05 \x03(\x0b\x32*.ttaserve.v1.SessionDetail.ParamsJsonEntry\x12N\n\x13\x66\x61llbacks_by_reason\x18\x06 \x03(\x0b\x32\x31.ttaserve.v1.SessionDetail.FallbacksByReasonEntry\x1a.\n\x0cSignalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13ResetsByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x36\n\x14LayerDivergenceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fParamsJsonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x38\n\x16\x46\x61llbacksByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x18\n\x08Snapshot\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"N\n\x15RestoreSessionRequest\x12\'\n\x06target\x18\x01 \x01(\x0b\x32\x17.ttaserve.v1.SessionRef\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xf5\x04\n\x11\x41\x64\x61ptationService\x12U\n\x0cListPolicies\x12 .ttaserve.v1.ListPoliciesRequest\x1a!.ttaserve.v1.ListPoliciesResponse\"\x00\x12\x45\n\tGetPolicy\x12\x1d.ttaserve.v1.GetPolicyRequest\x1a\x17.ttaserve.v1.PolicyInfo\"\x00\x12\x45\n\tSetPolicy\x12\x1d.ttaserve.v1.SetPolicyRequest\x1a\x17.ttaserve.v1.PolicyInfo\"\x00\x12U\n\x0cListSessions\x12 .ttaserve.v1.ListSessionsRequest\x1a!.ttaserve.v1.ListSessionsResponse\"\x00\x12H\n\x0f\x44\x65scribeSession\x12\x17.ttaserve.v1.SessionRef\x1a\x1a.ttaserve.v1.SessionDetail\"\x00\x12\x43\n\x0cResetSession\x12\x17.ttaserve.v1.SessionRef\x1a\x18.ttaserve.v1.SessionInfo\"\x00\x12\x43\n\x0fSnapshotSession\x12\x17.ttaserve.v1.SessionRef\x1a\x15.ttaserve.v1.Snapshot\"\x00\x12P\n\x0eRestoreSession\x12\".ttaserve.v1.RestoreSessionRequest\x1a\x18.ttaserve.v1.SessionInfo\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +44,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONDETAIL_LAYERDIVERGENCEENTRY']._serialized_options = b'8\001'
   _globals['_SESSIONDETAIL_PARAMSJSONENTRY']._loaded_options = None
   _globals['_SESSIONDETAIL_PARAMSJSONENTRY']._serialized_options = b'8\001'
+  _globals['_SESSIONDETAIL_FALLBACKSBYREASONENTRY']._loaded_options = None
+  _globals['_SESSIONDETAIL_FALLBACKSBYREASONENTRY']._serialized_options = b'8\001'
   _globals['_SEQUENCEID']._serialized_start=30
   _globals['_SEQUENCEID']._serialized_end=84
   _globals['_PARAMETERSCHEMA']._serialized_start=86
@@ -67,25 +69,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTSESSIONSREQUEST']._serialized_start=957
   _globals['_LISTSESSIONSREQUEST']._serialized_end=1008
   _globals['_SESSIONINFO']._serialized_start=1011
-  _globals['_SESSIONINFO']._serialized_end=1247
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1249
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1315
-  _globals['_SESSIONREF']._serialized_start=1317
-  _globals['_SESSIONREF']._serialized_end=1405
-  _globals['_SESSIONDETAIL']._serialized_start=1408
-  _globals['_SESSIONDETAIL']._serialized_end=1945
-  _globals['_SESSIONDETAIL_SIGNALSENTRY']._serialized_start=1737
-  _globals['_SESSIONDETAIL_SIGNALSENTRY']._serialized_end=1783
-  _globals['_SESSIONDETAIL_RESETSBYREASONENTRY']._serialized_start=1785
-  _globals['_SESSIONDETAIL_RESETSBYREASONENTRY']._serialized_end=1838
-  _globals['_SESSIONDETAIL_LAYERDIVERGENCEENTRY']._serialized_start=1840
-  _globals['_SESSIONDETAIL_LAYERDIVERGENCEENTRY']._serialized_end=1894
+  _globals['_SESSIONINFO']._serialized_end=1285
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1287
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1353
+  _globals['_SESSIONREF']._serialized_start=1355
+  _globals['_SESSIONREF']._serialized_end=1443
+  _globals['_SESSIONDETAIL']._serialized_start=1446
+  _globals['_SESSIONDETAIL']._serialized_end=2121
+  _globals['_SESSIONDETAIL_SIGNALSENTRY']._serialized_start=1855
+  _globals['_SESSIONDETAIL_SIGNALSENTRY']._serialized_end=1901
+  _globals['_SESSIONDETAIL_RESETSBYREASONENTRY']._serialized_start=1903
+  _globals['_SESSIONDETAIL_RESETSBYREASONENTRY']._serialized_end=1956
+  _globals['_SESSIONDETAIL_LAYERDIVERGENCEENTRY']._serialized_start=1958
+  _globals['_SESSIONDETAIL_LAYERDIVERGENCEENTRY']._serialized_end=2012
   _globals['_SESSIONDETAIL_PARAMSJSONENTRY']._serialized_start=686
   _globals['_SESSIONDETAIL_PARAMSJSONENTRY']._serialized_end=735
-  _globals['_SNAPSHOT']._serialized_start=1947
-  _globals['_SNAPSHOT']._serialized_end=1971
-  _globals['_RESTORESESSIONREQUEST']._serialized_start=1973
-  _globals['_RESTORESESSIONREQUEST']._serialized_end=2051
-  _globals['_ADAPTATIONSERVICE']._serialized_start=2054
-  _globals['_ADAPTATIONSERVICE']._serialized_end=2683
+  _globals['_SESSIONDETAIL_FALLBACKSBYREASONENTRY']._serialized_start=2065
+  _globals['_SESSIONDETAIL_FALLBACKSBYREASONENTRY']._serialized_end=2121
+  _globals['_SNAPSHOT']._serialized_start=2123
+  _globals['_SNAPSHOT']._serialized_end=2147
+  _globals['_RESTORESESSIONREQUEST']._serialized_start=2149
+  _globals['_RESTORESESSIONREQUEST']._serialized_end=2227
+  _globals['_ADAPTATIONSERVICE']._serialized_start=2230
+  _globals['_ADAPTATIONSERVICE']._serialized_end=2859
 # @@protoc_insertion_point(module_scope)

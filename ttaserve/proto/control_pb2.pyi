@@ -111,7 +111,7 @@ class ListSessionsRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("model", "sequence_id", "policy", "batches", "samples", "idle_seconds", "drift_score", "entropy", "resets", "state_bytes", "owner")
+    __slots__ = ("model", "sequence_id", "policy", "batches", "samples", "idle_seconds", "drift_score", "entropy", "resets", "state_bytes", "owner", "fallbacks", "on_source")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,8 @@ class SessionInfo(_message.Message):
     RESETS_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    ON_SOURCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     sequence_id: SequenceId
     policy: str
@@ -134,7 +136,9 @@ class SessionInfo(_message.Message):
     resets: int
     state_bytes: int
     owner: str
-    def __init__(self, model: _Optional[str] = ..., sequence_id: _Optional[_Union[SequenceId, _Mapping]] = ..., policy: _Optional[str] = ..., batches: _Optional[int] = ..., samples: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., drift_score: _Optional[float] = ..., entropy: _Optional[float] = ..., resets: _Optional[int] = ..., state_bytes: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
+    fallbacks: int
+    on_source: bool
+    def __init__(self, model: _Optional[str] = ..., sequence_id: _Optional[_Union[SequenceId, _Mapping]] = ..., policy: _Optional[str] = ..., batches: _Optional[int] = ..., samples: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., drift_score: _Optional[float] = ..., entropy: _Optional[float] = ..., resets: _Optional[int] = ..., state_bytes: _Optional[int] = ..., owner: _Optional[str] = ..., fallbacks: _Optional[int] = ..., on_source: _Optional[bool] = ...) -> None: ...
 
 class ListSessionsResponse(_message.Message):
     __slots__ = ("sessions",)
@@ -153,7 +157,7 @@ class SessionRef(_message.Message):
     def __init__(self, model: _Optional[str] = ..., sequence_id: _Optional[_Union[SequenceId, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class SessionDetail(_message.Message):
-    __slots__ = ("info", "signals", "resets_by_reason", "layer_divergence", "params_json")
+    __slots__ = ("info", "signals", "resets_by_reason", "layer_divergence", "params_json", "fallbacks_by_reason")
     class SignalsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -182,17 +186,26 @@ class SessionDetail(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class FallbacksByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     INFO_FIELD_NUMBER: _ClassVar[int]
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
     RESETS_BY_REASON_FIELD_NUMBER: _ClassVar[int]
     LAYER_DIVERGENCE_FIELD_NUMBER: _ClassVar[int]
     PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_BY_REASON_FIELD_NUMBER: _ClassVar[int]
     info: SessionInfo
     signals: _containers.ScalarMap[str, float]
     resets_by_reason: _containers.ScalarMap[str, int]
     layer_divergence: _containers.ScalarMap[str, float]
     params_json: _containers.ScalarMap[str, str]
-    def __init__(self, info: _Optional[_Union[SessionInfo, _Mapping]] = ..., signals: _Optional[_Mapping[str, float]] = ..., resets_by_reason: _Optional[_Mapping[str, int]] = ..., layer_divergence: _Optional[_Mapping[str, float]] = ..., params_json: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    fallbacks_by_reason: _containers.ScalarMap[str, int]
+    def __init__(self, info: _Optional[_Union[SessionInfo, _Mapping]] = ..., signals: _Optional[_Mapping[str, float]] = ..., resets_by_reason: _Optional[_Mapping[str, int]] = ..., layer_divergence: _Optional[_Mapping[str, float]] = ..., params_json: _Optional[_Mapping[str, str]] = ..., fallbacks_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class Snapshot(_message.Message):
     __slots__ = ("data",)

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ttaserve.adapters.safety import SafetyConfig
 from ttaserve.handlers.loader import LoadedModel, demo_model, load_repository
 from ttaserve.outliers import OutlierConfig
 from ttaserve.proto import control_pb2 as control_pb
@@ -94,6 +95,11 @@ class Server:
         log.info("server stopped")
 
 
+def safety_config(settings: ServerSettings) -> SafetyConfig:
+    """The safety net of every model, from --no-safety-net and --safety KEY=VALUE."""
+    return SafetyConfig.from_params({**settings.safety_params, "enabled": settings.safety_net})
+
+
 async def start(settings: ServerSettings) -> Server:
     keep_freed_memory()
     metrics = ServerMetrics()
@@ -103,7 +109,8 @@ async def start(settings: ServerSettings) -> Server:
                     settings.max_batch_size, settings.batch_delay_us / 1e6, max_queue=settings.max_queue,
                     outliers=OutlierConfig(enabled=settings.outlier_divergence > 0,
                                            max_divergence=settings.outlier_divergence or 15.0),
-                    max_session_bytes=settings.max_session_memory)
+                    max_session_bytes=settings.max_session_memory,
+                    safety=safety_config(settings))
         for m in load_models(settings)
     ]
     secret = load_secret(settings.secret_file, settings.state_dir, settings.secret)

@@ -89,6 +89,8 @@ def session_info(model: ServedModel, session: Session) -> pb.SessionInfo:
         idle_seconds=max(0.0, time.monotonic() - session.last_active),
         drift_score=signals.get("norm_divergence", 0.0), entropy=signals.get("entropy", 0.0),
         resets=sum(session.resets.values()), state_bytes=session.state.nbytes(),
+        fallbacks=sum(session.fallbacks.values()),
+        on_source=session.safety is not None and session.safety.falling_back,
     )
 
 
@@ -187,7 +189,7 @@ class ControlService(pb_grpc.AdaptationServiceServicer):
         model, session = self._session(caller, request)
         return pb.SessionDetail(
             info=session_info(model, session), signals=model.engine.signals_of(session),
-            resets_by_reason=dict(session.resets), layer_divergence=model.engine.layer_divergence_of(session),
+            resets_by_reason=dict(session.resets), fallbacks_by_reason=dict(session.fallbacks), layer_divergence=model.engine.layer_divergence_of(session),
             params_json=_params_json(session.params),
         )
 

@@ -41,7 +41,8 @@ def session_rows(repository: Repository, owner: str | None = None) -> list[dict[
             rows.append({
                 "model": model.name, "owner": key.owner, "sequence_id": key.sequence_id, "policy": session.policy,
                 "batches": session.batches, "samples": session.samples,
-                "resets": sum(session.resets.values()), "idle_s": round(max(0.0, now - session.last_active), 1),
+                "resets": sum(session.resets.values()), "fallbacks": sum(session.fallbacks.values()),
+                "on_source": session.safety is not None and session.safety.falling_back, "idle_s": round(max(0.0, now - session.last_active), 1),
                 **{key: signals.get(name) for key, name in SIGNALS.items()},
             })
     return rows
@@ -61,7 +62,7 @@ def summarize(repository: Repository, metrics: ServerMetrics) -> list[dict[str, 
     def group(model: str, policy: str) -> dict[str, Any]:
         if (model, policy) not in groups:
             groups[(model, policy)] = {"model": model, "policy": policy, "sessions": 0, "requests": {},
-                                       "resets": {}, **{key: [] for key in SIGNALS}}
+                                       "resets": {}, "fallbacks": {}, **{key: [] for key in SIGNALS}}
         return groups[(model, policy)]
 
     # Straight from the sessions, not via session_rows: this runs every second, and
@@ -80,6 +81,8 @@ def summarize(repository: Repository, metrics: ServerMetrics) -> list[dict[str, 
         group(labels["model"], labels["policy"])["requests"][labels["code"]] = value
     for labels, value in _counter_values(metrics.resets):
         group(labels["model"], labels["policy"])["resets"][labels["reason"]] = value
+    for labels, value in _counter_values(metrics.fallbacks):
+        group(labels["model"], labels["policy"])["fallbacks"][labels["reason"]] = value
     for entry in groups.values():
         for key in SIGNALS:
             values = entry[key]

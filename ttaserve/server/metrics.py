@@ -52,6 +52,9 @@ class ServerMetrics:
         self.memory_evictions = Counter(
             "ttaserve_session_memory_evictions", "Sessions evicted because --max-session-memory was reached",
             ["model"], registry=r)
+        self.fallbacks = Counter(
+            "ttaserve_session_fallbacks", "Safety-net switches of a session to the source model, by reason",
+            ["model", "policy", "reason"], registry=r)
         self.rejected = Counter(
             "ttaserve_rejected", "Requests refused by a configured cap, by cap",
             ["model", "cap"], registry=r)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ttaserve.adapters import Unsupported
+from ttaserve.adapters.safety import SafetyConfig
 from ttaserve.batching import Request, predict_many
 from ttaserve.engine import BatchReport, Engine
 from ttaserve.errors import DeadlineExceeded, NotFound, Overloaded, Unavailable, shown
@@ -68,6 +69,7 @@ class ServedModel:
         max_queue: int = 0,
         outliers: OutlierConfig = OutlierConfig(),
         max_session_bytes: int = 0,
+        safety: SafetyConfig = SafetyConfig(),
     ) -> None:
         self.spec: ModelSpec = loaded.spec
         self.closed = False  # set at the end of the grace period: nothing new runs
@@ -75,7 +77,7 @@ class ServedModel:
         self.max_queue = max_queue  # 0: unbounded
         self.pending = 0  # requests waiting for or running on the worker (event-loop owned)
         self.state_store: SessionPersistence | None = None  # --state-dir, or a replica's shared store
-        self.engine = self._engine(loaded, default_policy, default_params, limits, outliers)
+        self.engine = self._engine(loaded, default_policy, default_params, limits, outliers, safety)
         self.memory = SessionMemory(self.engine.sessions, max_session_bytes, self._evicted_for_memory)
         metrics.session_state_bytes.labels(self.name).set_function(lambda: self.memory.total)
         self.stats = Statistics()
@@ -87,13 +89,13 @@ class ServedModel:
                                    lambda item: _batch_size(item[0]), max_batch, batch_delay_s)
 
     def _engine(self, loaded: LoadedModel, default_policy: str, default_params: dict[str, object],
-                limits: SessionLimits, outliers: OutlierConfig) -> Engine:
+                limits: SessionLimits, outliers: OutlierConfig, safety: SafetyConfig) -> Engine:
         """The model's engine under its own policy, else the server's default. A server-wide
         default that this kind of model cannot run (e.g. a gradient policy on an ONNX Runtime
         model) leaves the model on ``source`` with a warning instead of refusing to serve it."""
         def engine(policy: str, params: dict[str, Any]) -> Engine:
             return Engine(loaded.model, policy, limits=limits, on_drop=self._session_dropped,
-                          monitor=self._observe_batch, outliers=outliers, **params)
+                          monitor=self._observe_batch, outliers=outliers, safety=safety, **params)
 
         if loaded.policy:
             return engine(loaded.policy, loaded.params)
@@ -223,6 +225,8 @@ class ServedModel:
             self.metrics.updates_skipped.labels(self.name, report.policy, report.skipped).inc()
         for reason in report.resets:
             self.metrics.resets.labels(self.name, report.policy, reason).inc()
+        if report.fallback is not None:
+            self.metrics.fallbacks.labels(self.name, report.policy, report.fallback).inc()
         if "norm_divergence" in report.signals:
             self.metrics.batch_drift.labels(self.name, report.policy).observe(report.signals["norm_divergence"])
 

@@ -7,13 +7,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ttaserve.adapters import DEFAULT_POLICY
+
 
 @dataclass(frozen=True)
 class ServerSettings:
     host: str = "127.0.0.1"
     grpc_port: int = 8001
     metrics_port: int = 8002  # 0 picks a free port, -1 disables the HTTP endpoint
-    policy: str = "source"  # default policy of every model without its own
+    policy: str = DEFAULT_POLICY  # default policy of every model without its own (graded-bn)
     policy_params: dict[str, Any] = field(default_factory=dict)
     model_repository: str | None = None  # directory of <model>/config.json
     demo: bool = True  # serve the embedded demo model as "demo"
@@ -35,6 +37,8 @@ class ServerSettings:
     max_queue: int = 256  # requests waiting for or running on one model's worker; 0: no cap
     request_timeout_s: float = 30.0  # a request not started within this is not run; 0: none
     outlier_divergence: float = 15.0  # poisoning gate threshold (ttaserve/outliers.py); 0: off
+    safety_net: bool = True  # watch adaptive sessions, fall back to source when adapting hurts
+    safety_params: dict[str, Any] = field(default_factory=dict)  # SafetyConfig thresholds
     state_dir: str | None = None  # persist sessions here (server/persistence.py)
     state_interval_s: float = 30.0  # periodic write of changed sessions
     # Hardening (docs/OPERATIONS.md "Security and threat model").
@@ -52,7 +56,7 @@ class ServerSettings:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = os.environ.get(f"TTASERVE_{f.name.upper()}")
-            if raw is not None and f.name != "policy_params":
+            if raw is not None and f.name not in ("policy_params", "safety_params"):
                 values[f.name] = _parse(f.type, raw, f.name)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
