@@ -35,8 +35,11 @@ class Request:
 Result = torch.Tensor | Exception
 
 
-def shareable(engine: Engine, choice: PolicyChoice) -> bool:
-    return hasattr(engine.adapter(choice), "forward_segments") and engine.stateless(choice)
+def shareable(engine: Engine, choice: PolicyChoice, sequenced: bool) -> bool:
+    """Whether a request may join a shared forward: a stateless, segment-aware policy, and
+    no safety net to consult (sessions of adaptive policies have one; it runs per session)."""
+    watched = sequenced and engine.watched(choice)
+    return hasattr(engine.adapter(choice), "forward_segments") and engine.stateless(choice) and not watched
 
 
 def predict_many(engine: Engine, requests: Sequence[Request]) -> list[Result]:
@@ -51,7 +54,7 @@ def predict_many(engine: Engine, requests: Sequence[Request]) -> list[Result]:
             if request.session is not None:
                 live = engine.open_session(request.session, choice, request.policy is not None, request.start)
                 choice = PolicyChoice(live.policy, tuple(sorted(live.params.items())))
-            if len(requests) > 1 and shareable(engine, choice):
+            if len(requests) > 1 and shareable(engine, choice, request.session is not None):
                 groups.setdefault(choice, []).append(i)
             else:
                 results[i] = engine.predict(request.x, request.session, adapt=request.adapt,

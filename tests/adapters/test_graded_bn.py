@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import make_tiny
 from ttaserve.adapters import PolicyError, PreparedModel, TensorState, create_adapter
-from ttaserve.adapters.graded_bn import label_diversity, layer_priors, mixed, push
+from ttaserve.adapters.graded_bn import batch_trust, label_diversity, layer_priors, mixed, push
 
 
 def _stream(seed: int = 2, batches: int = 6, size: int = 8) -> list[torch.Tensor]:
@@ -40,15 +40,19 @@ def test_zero_priors_after_diverse_predictions_are_test_batch_normalization(tiny
     torch.testing.assert_close(adapter.forward(tiny, images, state), tbn, rtol=1e-5, atol=1e-5)
 
 
-def test_first_batch_diversity_comes_from_the_source_model(tiny: PreparedModel, images: torch.Tensor) -> None:
-    """The tiny model gives these images one class: the first batch gets no weight at all
-    (zero priors included) and the output is the source model's; the window is not touched
-    by adapt=False."""
-    adapter = create_adapter("graded-bn", tiny, prior_first=0.0, prior_last=0.0)
+@pytest.mark.parametrize(("labels", "entropy", "expected"), [
+    ([0] * 8, 0.05, 0.0),  # one class, confident: the batch does not count
+    ([0] * 8, 0.45, 1.0),  # one class, but the model is unsure (a strong shift): it counts
+    ([0] * 8, 0.325, 0.5 / 0.85 - 0.15 / 0.85),  # halfway between sure and unsure
+    (list(range(8)), 0.05, 1.0),  # as diverse as possible
+    ([0] * 8, -1.0, 0.0),  # no entropy measured yet: diversity alone
+])
+def test_batch_trust(tiny: PreparedModel, labels: list[int], entropy: float, expected: float) -> None:
+    adapter = create_adapter("graded-bn", tiny)
     state = adapter.init_state(tiny)
-    out = adapter.forward(tiny, images, state, adapt=False)
-    torch.testing.assert_close(out, make_tiny()(images), rtol=0, atol=1e-6)
-    assert bool((state["window"] == -1).all())
+    state["window"][:8] = torch.tensor(labels)
+    state["entropy"] = torch.tensor(entropy)
+    assert batch_trust(adapter.params, state, 10) == pytest.approx(expected)
 
 
 def test_momentum_zero_never_moves_the_running_estimate(tiny: PreparedModel) -> None:
@@ -64,6 +68,7 @@ def test_estimate_moves_toward_the_data_and_stays_positive(tiny: PreparedModel) 
     adapter = create_adapter("graded-bn", tiny, momentum=0.05, window=1024)
     state = adapter.init_state(tiny)
     state["window"] = torch.arange(1024) % 3
+    state["entropy"] = torch.tensor(0.05)
     for x in _stream(batches=20):
         adapter.forward(tiny, x, state)
     first = tiny.bn_layers[0]
@@ -125,6 +130,7 @@ def test_label_sorted_batches_weigh_less_than_diverse_ones(tiny: PreparedModel) 
     one_class, diverse = adapter.init_state(tiny), adapter.init_state(tiny)
     one_class["window"] = torch.zeros_like(one_class["window"])
     diverse["window"] = torch.arange(diverse["window"].numel()) % 3
+    one_class["entropy"] = diverse["entropy"] = torch.tensor(0.05)  # a confident model
     x = _stream(batches=1)[0]
     adapter.forward(tiny, x, one_class)
     adapter.forward(tiny, x, diverse)

@@ -55,11 +55,10 @@ from typing import ClassVar
 import torch
 
 from ttaserve.adapters.base import Normalization, TensorState, run_normalized
-from ttaserve.adapters.model import AdaptiveBatchNorm2d, PreparedModel, normalizer
+from ttaserve.adapters.guard import normalized_entropy
+from ttaserve.adapters.model import AdaptiveBatchNorm2d, PreparedModel
 from ttaserve.adapters.registry import register
 from ttaserve.kernels.norm import batch_moments, normalize
-
-PRIMING = 16  # samples of a session's first batch whose source predictions prime the window
 
 
 @dataclass(frozen=True)
@@ -68,6 +67,9 @@ class GradedBNParams:
     prior_last: float = field(default=4096.0, metadata={"min": 0.0, "max": 1e9})
     momentum: float = field(default=0.005, metadata={"min": 0.0, "max": 1.0})
     window: int = field(default=64, metadata={"min": 1, "max": 65536})
+    diversity_floor: float = field(default=0.15, metadata={"min": 0.0, "max": 0.99})
+    sure_entropy: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0})
+    unsure_entropy: float = field(default=0.45, metadata={"min": 0.0, "max": 1.0})
 
     def __post_init__(self) -> None:
         if self.prior_first < 0 or self.prior_last < 0:
@@ -76,6 +78,11 @@ class GradedBNParams:
             raise ValueError(f"momentum must be in [0, 1] (per sample), got {self.momentum}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1 prediction, got {self.window}")
+        if not 0.0 <= self.diversity_floor < 1.0:
+            raise ValueError(f"diversity_floor must be in [0, 1), got {self.diversity_floor}")
+        if not 0.0 <= self.sure_entropy < self.unsure_entropy <= 1.0:
+            raise ValueError("need 0 <= sure_entropy < unsure_entropy <= 1 (fractions of ln C), got "
+                             f"{self.sure_entropy} and {self.unsure_entropy}")
 
 
 def layer_priors(params: GradedBNParams, layers: int) -> list[float]:
@@ -98,6 +105,16 @@ def label_diversity(window: torch.Tensor, num_classes: int) -> float:
     p = p[p > 0]
     effective = math.exp(float(-(p * p.log()).sum()))
     return min(1.0, max(0.0, (effective - 1.0) / (possible - 1.0)))
+
+
+def batch_trust(params: GradedBNParams, state: TensorState, num_classes: int) -> float:
+    """r: how much a batch counts, from the recent predictions: their label diversity, or
+    their uncertainty when that is higher, above the floor, rescaled to [0, 1]."""
+    diversity = label_diversity(state["window"], num_classes)
+    entropy = float(state["entropy"])
+    unsure = 0.0 if entropy < 0 else (entropy - params.sure_entropy) / (params.unsure_entropy - params.sure_entropy)
+    evidence = max(diversity, min(1.0, max(0.0, unsure)))
+    return max(0.0, (evidence - params.diversity_floor) / (1.0 - params.diversity_floor))
 
 
 def mixed(weight: float, mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor,
@@ -126,15 +143,15 @@ class _GradedNormalization:
     commits them to the state afterwards."""
 
     def __init__(self, params: GradedBNParams, state: TensorState, priors: list[float],
-                 num_classes: int, diversity: float) -> None:
+                 num_classes: int, trust: float) -> None:
         self.params, self.state, self.priors, self.num_classes = params, state, priors, num_classes
-        self.diversity = diversity  # of the predictions before this batch
+        self.trust = trust  # from the predictions before this batch
         self.seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def hook(self, layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
         mean_b, var_b = batch_moments(z.detach())
         self.seen.append((layer.index, mean_b, var_b))
-        samples = z.shape[0] * self.diversity
+        samples = z.shape[0] * self.trust
         prior = self.priors[layer.index]
         weight = samples / (samples + prior) if samples + prior > 0 else 0.0
         mean, var = mixed(weight, mean_b, var_b, self.state[f"mean.{layer.index}"],
@@ -142,16 +159,19 @@ class _GradedNormalization:
         return normalize(z, mean, var, layer.weight, layer.bias, layer.eps)
 
     def commit(self, logits: torch.Tensor) -> None:
-        state, batch = self.state, logits.shape[0]
+        state, batch, logits = self.state, logits.shape[0], logits.detach()
         seen = int(state["seen"])
-        state["window"] = push(state["window"], seen, logits.detach().argmax(1))
+        state["window"] = push(state["window"], seen, logits.argmax(1))
         state["seen"] = torch.tensor(seen + batch, dtype=torch.int64)
-        diversity = label_diversity(state["window"], self.num_classes)
-        step = 1.0 - (1.0 - self.params.momentum) ** (batch * diversity)
+        entropy = float(normalized_entropy(logits))
+        old, memory = float(state["entropy"]), 1.0 - (1.0 - 1.0 / self.params.window) ** batch
+        state["entropy"] = torch.tensor(entropy if old < 0 else old + memory * (entropy - old))
+        trust = batch_trust(self.params, state, self.num_classes)
+        step = 1.0 - (1.0 - self.params.momentum) ** (batch * trust)
         for index, mean_b, var_b in self.seen:
             mkey, vkey = f"mean.{index}", f"var.{index}"
             state[mkey], state[vkey] = mixed(step, mean_b, var_b, state[mkey], state[vkey])
-        state["diversity"] = torch.tensor(diversity, dtype=torch.float32)
+        state["trust"] = torch.tensor(trust, dtype=torch.float32)
 
 
 @register
@@ -173,7 +193,8 @@ class GradedBN:
         state = TensorState(
             window=torch.full((self.params.window,), -1, dtype=torch.int64),
             seen=torch.zeros((), dtype=torch.int64),
-            diversity=torch.ones((), dtype=torch.float32),
+            entropy=torch.tensor(-1.0),  # EMA of the predictions' entropy / ln C; -1: none yet
+            trust=torch.ones((), dtype=torch.float32),
         )
         for layer in model.bn_layers:
             state[f"mean.{layer.index}"] = layer.running_mean.detach().clone().float()
@@ -183,15 +204,7 @@ class GradedBN:
     def normalization(self, model: PreparedModel, state: TensorState, x: torch.Tensor) -> Normalization:
         priors = layer_priors(self.params, len(model.bn_layers))
         classes = max(model.num_classes, 1)
-        window = state["window"]
-        if int(state["seen"]) == 0 and x.shape[0] > 1:
-            # Nothing is known yet about this stream's labels: judge the first batch's
-            # diversity from the source model's predictions of a few of its samples (the
-            # window itself only ever holds adapted predictions).
-            with torch.no_grad(), normalizer(None):
-                window = push(window, 0, model(x[:PRIMING]).argmax(1))
-        diversity = label_diversity(window, classes)
-        return _GradedNormalization(self.params, state, priors, classes, diversity)
+        return _GradedNormalization(self.params, state, priors, classes, batch_trust(self.params, state, classes))
 
     def forward(
         self, model: PreparedModel, x: torch.Tensor, state: TensorState, adapt: bool = True
@@ -199,4 +212,4 @@ class GradedBN:
         return run_normalized(self.normalization(model, state, x), model, x, adapt)
 
     def signals(self, state: TensorState) -> dict[str, float]:
-        return {"label_diversity": float(state["diversity"])}
+        return {"batch_trust": float(state["trust"]), "prediction_entropy": float(state["entropy"])}

@@ -186,7 +186,8 @@ def summarize(spec: StreamSpec, episodes: list[Episode], correct: list[torch.Ten
                            "unseen_error": float(np.mean(unseen)) if unseen else None,
                            "resets": None if None in resets else sum(r or 0 for r in resets)}
     if spec.kind == "continual":
-        blocks = [[_pct(wrong[(rounds == r) & (domain == d)]) for d in range(len(names))]
+        present = [d for d in range(len(names)) if bool((domain == d).any())]
+        blocks = [[_pct(wrong[(rounds == r) & (domain == d)]) for d in present]
                   for r in range(int(rounds.max()) + 1)]
         out["per_round"] = [float(np.mean(b)) for b in blocks]
         out["curve"] = [v for b in blocks for v in b]

@@ -58,7 +58,7 @@ def served(log_dir: Path, threads: int, configs: dict[str, int],
         for name, delay_us in configs.items():
             port, log = free_port(), log_dir / f"ttaserve-{name}.log"
             command = [sys.executable, "-m", "ttaserve", "--log-level", "WARNING", "serve",
-                       "--grpc-port", str(port), "--metrics-port", "-1",
+                       "--grpc-port", str(port), "--metrics-port", "-1", "--policy", "source",
                        "--torch-threads", str(threads), "--batch-delay-us", str(delay_us)]
             with open(log, "wb") as sink:
                 proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
