@@ -57,19 +57,19 @@ import torch
 from ttaserve.adapters.base import Normalization, TensorState, run_normalized
 from ttaserve.adapters.guard import normalized_entropy
 from ttaserve.adapters.model import AdaptiveBatchNorm2d, PreparedModel
-from ttaserve.adapters.registry import register
+from ttaserve.adapters.registry import bounds, register
 from ttaserve.kernels.norm import batch_moments, normalize
 
 
 @dataclass(frozen=True)
 class GradedBNParams:
-    prior_first: float = field(default=16.0, metadata={"min": 0.0, "max": 1e9})
-    prior_last: float = field(default=4096.0, metadata={"min": 0.0, "max": 1e9})
-    momentum: float = field(default=0.005, metadata={"min": 0.0, "max": 1.0})
-    window: int = field(default=64, metadata={"min": 1, "max": 65536})
-    diversity_floor: float = field(default=0.15, metadata={"min": 0.0, "max": 0.99})
-    sure_entropy: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0})
-    unsure_entropy: float = field(default=0.45, metadata={"min": 0.0, "max": 1.0})
+    prior_first: float = field(default=16.0, metadata=bounds(0.0, 1e9))
+    prior_last: float = field(default=4096.0, metadata=bounds(0.0, 1e9))
+    momentum: float = field(default=0.005, metadata=bounds(0.0, 1.0))
+    window: int = field(default=64, metadata=bounds(1, 65536))
+    diversity_floor: float = field(default=0.15, metadata=bounds(0.0, 0.99))
+    sure_entropy: float = field(default=0.2, metadata=bounds(0.0, 1.0))
+    unsure_entropy: float = field(default=0.45, metadata=bounds(0.0, 1.0))
 
     def __post_init__(self) -> None:
         if self.prior_first < 0 or self.prior_last < 0:
