@@ -35,8 +35,8 @@ def _logits(classes: list[int], sharpness: float, num_classes: int = 10) -> torc
 
 def test_confident_source_and_less_confident_adaptation_falls_back() -> None:
     net = SafetyNet(SafetyConfig(), 10)
-    classes = [0, 1, 2, 3]
-    assert net.observe(_logits(classes, 3.0), _logits(classes, 12.0)) is None  # 4 < min_evidence
+    classes = [0, 1, 2, 3] * 4
+    assert net.observe(_logits(classes, 3.0), _logits(classes, 12.0)) is None  # 16 < min_evidence
     assert net.observe(_logits(classes, 3.0), _logits(classes, 12.0)) == "entropy"
 
 
@@ -45,13 +45,13 @@ def test_an_uncertain_source_model_never_triggers_the_entropy_rule() -> None:
     predictions: that is what adapting is for."""
     net = SafetyNet(SafetyConfig(), 10)
     for _ in range(10):
-        assert net.observe(_logits([0, 1, 2, 3], 1.0), _logits([0, 1, 2, 3], 1.5)) is None
+        assert net.observe(_logits([0, 1, 2, 3] * 4, 1.0), _logits([0, 1, 2, 3] * 4, 1.5)) is None
 
 
 def test_marginal_collapse_falls_back() -> None:
     net = SafetyNet(SafetyConfig(), 10)
-    source = _logits([0, 1, 2, 3], 1.5)  # spread over four classes, unsure
-    collapsed = _logits([5, 5, 5, 5], 6.0)  # everything one class
+    source = _logits([0, 1, 2, 3] * 4, 1.5)  # spread over four classes, unsure
+    collapsed = _logits([5] * 16, 9.0)  # everything one class
     assert net.observe(collapsed, source) is None
     assert net.observe(collapsed, source) == "marginal"
 
