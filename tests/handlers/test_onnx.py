@@ -20,7 +20,8 @@ from ttaserve.handlers.onnx_model import OnnxModel
 TOL = 1e-4
 # (policy, parameters): every policy that runs on ONNX Runtime, aliases included.
 SUPPORTED = [("source", {}), ("alpha-bn", {}), ("tbn", {}), ("unmix-tns", {}), ("adanpc", {}),
-             ("adanpc", {"beta": 0.0, "capacity": 300})]
+             ("adanpc", {"beta": 0.0, "capacity": 300}), ("graded-bn", {}),
+             ("graded-bn", {"prior_first": 1.0, "prior_last": 64.0, "momentum": 0.05})]
 
 
 @pytest.fixture(scope="module")

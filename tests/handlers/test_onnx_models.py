@@ -107,7 +107,8 @@ def resnet_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Pat
 
 
 @pytest.mark.parametrize("policy,params", [("source", {}), ("tbn", {}), ("alpha-bn", {"alpha": 0.3}),
-                                           ("unmix-tns", {"K": 16}), ("adanpc", {"k": 8, "beta": 0.0})])
+                                           ("unmix-tns", {"K": 16}), ("adanpc", {"k": 8, "beta": 0.0}),
+                                           ("graded-bn", {"prior_first": 1.0, "momentum": 0.05})])
 def test_torch_onnx_export_of_a_resnet_adapts_like_torch(resnet_dir: tuple[nn.Module, Path],
                                                          policy: str, params: dict) -> None:
     module, directory = resnet_dir

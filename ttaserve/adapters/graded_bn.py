@@ -138,9 +138,11 @@ def push(window: torch.Tensor, seen: int, labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _GradedNormalization:
-    """One forward pass of graded-bn: normalizes, remembers each layer's batch moments and
-    commits them to the state afterwards."""
+class GradedNorm:
+    """One forward pass of graded-bn: normalizes (it is its own ``hook``), remembers each
+    layer's batch moments and commits them to the state afterwards. A value rather than a
+    closure, so that a backend running its own graph (ONNX Runtime) can read the mixing
+    weights and the running estimate and :meth:`record` the moments its graph computed."""
 
     def __init__(self, params: GradedBNParams, state: TensorState, priors: list[float],
                  num_classes: int, trust: float) -> None:
@@ -148,14 +150,27 @@ class _GradedNormalization:
         self.trust = trust  # from the predictions before this batch
         self.seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-    def hook(self, layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
-        mean_b, var_b = batch_moments(z.detach())
+    @property
+    def hook(self) -> GradedNorm:
+        return self
+
+    def weight(self, layer: AdaptiveBatchNorm2d, batch: int) -> float:
+        """w_l: the share of this batch's moments in layer ``layer``'s statistics."""
+        samples, prior = batch * self.trust, self.priors[layer.index]
+        return samples / (samples + prior) if samples + prior > 0 else 0.0
+
+    def estimate(self, layer: AdaptiveBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        """The session's running mean and variance of layer ``layer``."""
+        return self.state[f"mean.{layer.index}"], self.state[f"var.{layer.index}"]
+
+    def record(self, layer: AdaptiveBatchNorm2d, mean_b: torch.Tensor, var_b: torch.Tensor) -> None:
+        """Remember a layer's batch moments for the commit."""
         self.seen.append((layer.index, mean_b, var_b))
-        samples = z.shape[0] * self.trust
-        prior = self.priors[layer.index]
-        weight = samples / (samples + prior) if samples + prior > 0 else 0.0
-        mean, var = mixed(weight, mean_b, var_b, self.state[f"mean.{layer.index}"],
-                          self.state[f"var.{layer.index}"])
+
+    def __call__(self, layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
+        mean_b, var_b = batch_moments(z.detach())
+        self.record(layer, mean_b, var_b)
+        mean, var = mixed(self.weight(layer, z.shape[0]), mean_b, var_b, *self.estimate(layer))
         return normalize(z, mean, var, layer.weight, layer.bias, layer.eps)
 
     def commit(self, logits: torch.Tensor) -> None:
@@ -204,7 +219,7 @@ class GradedBN:
     def normalization(self, model: PreparedModel, state: TensorState, x: torch.Tensor) -> Normalization:
         priors = layer_priors(self.params, len(model.bn_layers))
         classes = max(model.num_classes, 1)
-        return _GradedNormalization(self.params, state, priors, classes, batch_trust(self.params, state, classes))
+        return GradedNorm(self.params, state, priors, classes, batch_trust(self.params, state, classes))
 
     def forward(
         self, model: PreparedModel, x: torch.Tensor, state: TensorState, adapt: bool = True

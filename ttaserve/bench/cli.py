@@ -36,7 +36,7 @@ def _add_accuracy(group: Any) -> None:
                    help="smoke run: 3 corruptions, 200 images, batch 16, iid/dirichlet(0.01)/continual")
     p.add_argument("--seed", type=int, default=None, help="images, corruptions and streams (default 0)")
     p.add_argument("--n", type=int, default=None, help="images per corruption (default 600)")
-    p.add_argument("--n-small", type=int, default=None, help="images per corruption at batch 1 (80)")
+    p.add_argument("--n-small", type=int, default=None, help="images per corruption at batch 1 (200)")
     p.add_argument("--n-continual", type=int, default=None,
                    help="images per corruption per continual round (400)")
     p.add_argument("--rounds", type=int, default=None, help="rounds of the continual stream (3)")
@@ -45,12 +45,16 @@ def _add_accuracy(group: Any) -> None:
                    help="images to corrupt: test (headline) or train (validation runs)")
     p.add_argument("--corruptions", type=_csv(str), default=None, help="comma-separated (default all 15)")
     p.add_argument("--streams", type=_csv(str), default=None,
-                   help="comma-separated: iid, dirichlet(D), continual, mixed")
+                   help="comma-separated: iid, dirichlet(D), sorted, continual, mixed "
+                   "(default iid,dirichlet(0.1),dirichlet(0.01),sorted,continual,mixed)")
+    p.add_argument("--no-clean", dest="clean", action="store_false", default=None,
+                   help="do not also run the per-corruption streams on clean images")
     p.add_argument("--batch-sizes", type=_csv(int), default=None, help="comma-separated (default 64,16,1)")
     p.add_argument("--full-grid", action="store_true", default=None,
                    help="also run continual and mixed at the smaller batch sizes")
     p.add_argument("--policies", nargs="+", default=None, metavar="ROW",
-                   help="rows: POLICY, POLICY(k=v,...), generalist, tent-noguard (default: all)")
+                   help="rows: POLICY, NORM+PRED, POLICY(k=v,...), generalist, tent-noguard, "
+                   "graded-bn-nosafety (default: all, plus graded-bn+adanpc and alpha-bn+adanpc)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     p.add_argument("--data", default=None, help="Fashion-MNIST idx directory (or $TTASERVE_DATA)")
     p.add_argument("--via-grpc", action="store_true", default=None,
@@ -68,7 +72,7 @@ def _accuracy_config(args: argparse.Namespace) -> Any:
 
     base = quick_config() if args.quick else Config()
     fields = ("seed", "n", "n_small", "n_continual", "rounds", "severity", "split", "corruptions",
-              "streams", "batch_sizes", "full_grid", "threads", "data", "via_grpc")
+              "streams", "batch_sizes", "full_grid", "threads", "data", "via_grpc", "clean")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.policies:
         overrides["rows"] = tuple(parse_row(p) for p in args.policies)

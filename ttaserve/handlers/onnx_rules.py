@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 from ttaserve.adapters.alpha_bn import AlphaBNNorm
+from ttaserve.adapters.graded_bn import GradedNorm
 from ttaserve.adapters.model import AdaptiveBatchNorm2d, Unsupported
 from ttaserve.adapters.unmix_tns import UnMixNorm
 from ttaserve.handlers.onnx_rewrite import PREFIX, Emitter, LayerNodes, mean_name, var_name
 
 # Registered policy names that run on ONNX Runtime (aliases such as tbn resolve to these).
-POLICIES = ("source", "alpha-bn", "unmix-tns", "adanpc")
+POLICIES = ("source", "alpha-bn", "unmix-tns", "adanpc", "graded-bn")
 # Policies that read the classifier head's input (a named graph output).
 FEATURE_POLICIES = ("adanpc",)
 UNSUPPORTED = {
@@ -43,7 +44,7 @@ UNSUPPORTED = {
     "t3": "it merges the weights of two torch models per sample",
     "t3-b": "it merges the weights of two torch models per batch",
 }
-SUPPORT_HINT = ("On ONNX models use one of source, alpha-bn, tbn, unmix-tns, adanpc; to use {policy}, "
+SUPPORT_HINT = ("On ONNX models use one of source, graded-bn, alpha-bn, tbn, unmix-tns, adanpc; to use {policy}, "
                 "serve the PyTorch model instead ('factory' + 'weights' or a torch.export 'program' "
                 "in config.json).")
 
@@ -152,11 +153,52 @@ class UnMixRule:
                         torch.from_numpy(outputs[p_name(i)]))
 
 
+class GradedRule:
+    """graded-bn: each layer mixes the batch's moments with the session's running estimate,
+    weight w_l (a graph input, so the graph is the same for every session); the batch
+    moments are rebuilt from the instance-moment outputs for the policy's own commit."""
+
+    key: ClassVar[str] = "graded-bn"
+
+    def statistics(self, em: Emitter, layer: LayerNodes) -> tuple[str, str]:
+        index, channels = layer.layer.index, int(layer.layer.mean.shape[0])
+        weight = em.input(_components(index, "weight"), [])
+        est_mean = em.input(_components(index, "est_mean"), [channels])
+        est_var = em.input(_components(index, "est_var"), [channels])
+        batch_mean = em.reduce("ReduceMean", layer.inst_mean, [0], 1)
+        deviation = em.op("Sub", layer.inst_mean, batch_mean)
+        batch_var = em.reduce("ReduceMean", em.op("Add", layer.inst_var, em.op("Mul", deviation, deviation)), [0], 1)
+        delta = em.op("Sub", batch_mean, est_mean)
+        keep = em.op("Sub", em.const(1.0), weight)
+        mean = em.op("Add", est_mean, em.op("Mul", weight, delta))
+        spread = em.op("Mul", em.op("Mul", weight, keep), em.op("Mul", delta, delta))
+        var = em.op("Add", em.op("Add", em.op("Mul", weight, batch_var), em.op("Mul", keep, est_var)), spread)
+        ones = em.op("Mul", layer.inst_mean, em.const(0.0))  # [B, C] zeros: broadcast to per-sample
+        return em.op("Add", ones, mean), em.op("Add", ones, var)
+
+    def feeds(self, hook: GradedNorm, layers: Sequence[AdaptiveBatchNorm2d], batch: int) -> dict[str, np.ndarray]:
+        feeds = {}
+        for layer in layers:
+            mean, var = hook.estimate(layer)
+            feeds[_components(layer.index, "weight")] = _scalar(hook.weight(layer, batch))
+            feeds[_components(layer.index, "est_mean")] = _array(mean)
+            feeds[_components(layer.index, "est_var")] = _array(var)
+        return feeds
+
+    def collect(self, hook: GradedNorm, layers: Sequence[AdaptiveBatchNorm2d],
+                outputs: Mapping[str, np.ndarray]) -> None:
+        for layer in layers:
+            inst_mean = torch.from_numpy(outputs[mean_name(layer.index)])
+            inst_var = torch.from_numpy(outputs[var_name(layer.index)])
+            batch_mean = inst_mean.mean(0)
+            hook.record(layer, batch_mean, (inst_var + (inst_mean - batch_mean).square()).mean(0))
+
+
 def _array(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
 
 
-RULES: dict[type, OnnxRule] = {AlphaBNNorm: AlphaBNRule(), UnMixNorm: UnMixRule()}
+RULES: dict[type, OnnxRule] = {AlphaBNNorm: AlphaBNRule(), UnMixNorm: UnMixRule(), GradedNorm: GradedRule()}
 
 
 def rule_for(hook: Any) -> OnnxRule | None:
