@@ -14,6 +14,7 @@ SETTINGS_FIELDS = (
     "batch_delay_us", "auth_token_file", "tls_cert", "tls_key", "tls_client_ca", "max_concurrent_rpcs",
     "max_queue", "request_timeout_s", "outlier_divergence", "state_dir", "state_interval_s",
     "state_max_bytes", "state_max_file_bytes", "state_ttl_s", "max_session_memory", "secret_file", "safety_net",
+    "keep_freed_memory",
 )
 
 _UNITS = {"": 1, "K": 1000, "KB": 1000, "KIB": 1 << 10, "M": 10**6, "MB": 10**6, "MIB": 1 << 20,
@@ -73,6 +74,9 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
                    help="seconds to let in-flight requests finish on SIGTERM (default 10)")
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
                    help="torch intra-op threads of the forward passes (default 0 = torch's own choice)")
+    p.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false", default=None,
+                   help="leave glibc malloc's thresholds as they are (default: raise them so freed "
+                   "batch buffers are reused instead of returned to the OS)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=None,
                    help="in-flight RPCs (a stream counts once) before RESOURCE_EXHAUSTED (default 1000; 0 = no cap)")
     p.add_argument("--max-queue", type=int, default=None,

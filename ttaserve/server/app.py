@@ -101,7 +101,8 @@ def safety_config(settings: ServerSettings) -> SafetyConfig:
 
 
 async def start(settings: ServerSettings) -> Server:
-    keep_freed_memory()
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     metrics = ServerMetrics()
     limits = SessionLimits(settings.session_idle_s, settings.max_sessions, settings.strict_sequences)
     served = [

@@ -32,6 +32,7 @@ class ServerSettings:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA bundle: require client certificates (mTLS)
     torch_threads: int = 0  # 0: leave torch's default
+    keep_freed_memory: bool = True  # raise glibc malloc's mmap/trim thresholds (server/memory.py)
     # Reliability caps and durability (docs/OPERATIONS.md "Reliability and limits").
     max_concurrent_rpcs: int = 1000  # in-flight RPCs (a stream counts once); 0: no cap
     max_queue: int = 256  # requests waiting for or running on one model's worker; 0: no cap
