@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from ttaserve.bench.perf import POLICIES
-from ttaserve.bench.perf_report import GOALS, check_goals, table
+from ttaserve.bench.perf_report import GOALS, check_goals, shown, table
 from ttaserve.cli import main
 
 
@@ -80,3 +80,46 @@ def test_onnx_runtime_part(run: tuple[Path, dict[str, Any], str]) -> None:
             assert row["raw"]["median"] > 0 and row["ort_raw_ms"] > 0 and row["torch_raw_ms"] > 0
         assert set(onnx["overhead"][b]["policies"]) == set(onnx["policies"]) - {"source"}
     assert "ONNX Runtime" in text and "overhead on ONNX Runtime" in text
+
+
+def test_source_alone_writes_its_table(tmp_path: Path) -> None:
+    """``--policies source`` has nothing to compare source with: the table still shows
+    source's own times (this used to end in StopIteration with no perf.md)."""
+    argv = ["bench", "perf", "--quick", "--policies", "source", "--batch-sizes", "64", "--no-server",
+            "--no-onnx", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    result, text = json.loads((tmp_path / "perf.json").read_text()), (tmp_path / "perf.md").read_text()
+    cell = result["overhead"]["64"]
+    assert cell["policies"] == {} and cell["source"]["source_raw_ms"] > 0
+    assert cell["source"]["source_engine_vs_forward"]["median"] > 0
+    assert "source per batch (ms), forward / through the engine: b64 " in text
+    assert (tmp_path / "perf.png").exists()
+
+
+def _goal_result(**parts: Any) -> dict[str, Any]:
+    row = {"engine": {"median": 1.1004}, "raw": {"median": 1.0996}}
+    return {"overhead": {"64": {"policies": {"alpha-bn": row}}}, "memory": {}, **parts}
+
+
+def test_goal_checks_never_print_the_goal_for_a_value_that_misses_it() -> None:
+    goals = {g["goal"].split()[0]: g for g in check_goals(_goal_result(grpc={"ratio": 0.8496}))}
+    assert goals["gRPC"]["measured"] == "0.8496" and goals["gRPC"]["met"] is False
+    assert goals["alpha-bn"]["measured"] == "engine 1.1004×, raw 1.0996×" and goals["alpha-bn"]["met"] is False
+    far = {g["goal"].split()[0]: g for g in check_goals(_goal_result(grpc={"ratio": 0.8123}))}
+    assert far["gRPC"]["measured"] == "0.81"
+    assert shown(0.847, 0.85) == "0.847" and shown(0.85, 0.85) == "0.85" and shown(1.23, None) == "1.23"
+
+
+def test_graded_bn_is_timed_with_the_servers_safety_net() -> None:
+    import torch
+
+    from ttaserve.bench.perf_inproc import Subject, bench_model
+    from ttaserve.server.app import safety_config
+    from ttaserve.server.settings import ServerSettings
+
+    assert "graded-bn" in POLICIES
+    subject = Subject.of(bench_model(100), "graded-bn")
+    assert subject.engine.safety == safety_config(ServerSettings()) and subject.engine.safety.enabled
+    subject.call("engine")(torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    session = subject.engine.sessions.get("bench")
+    assert session is not None and session.safety is not None

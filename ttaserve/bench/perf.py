@@ -78,13 +78,15 @@ def quick_config() -> Config:
 
 def total_steps(config: Config) -> int:
     """Progress units of a run (one per timed pair, memory row and server round)."""
-    steps = len(config.batch_sizes) * config.reps * (len(config.policies) - 1) + len(config.policies)
+    adaptive = len(set(config.policies) - {"source"})
+    steps = len(config.batch_sizes) * config.reps * max(adaptive, 1) + adaptive + 1  # source alone: one pair per rep
     if config.server:
         steps += config.grpc_rounds + config.session_rounds + 1
     if config.onnx:
         from ttaserve.bench.perf_onnx import onnx_policies
 
-        steps += len(config.batch_sizes) * config.reps * (2 * len(onnx_policies(config.policies)) - 1)
+        on_ort = len(onnx_policies(config.policies))
+        steps += len(config.batch_sizes) * config.reps * (on_ort + max(on_ort - 1, 1))
     return steps
 
 

@@ -38,7 +38,7 @@ from ttaserve.engine import Engine
 
 __all__ = ["POLICIES", "Subject", "bench_images", "bench_model", "measure_memory", "measure_overhead", "split"]
 
-POLICIES = ("source", "alpha-bn", "tbn", "unmix-tns", "adanpc", "t3", "t3-b", "ecotta", "tent")
+POLICIES = ("source", "graded-bn", "alpha-bn", "tbn", "unmix-tns", "adanpc", "t3", "t3-b", "ecotta", "tent")
 SESSION = "bench"
 Progress = Callable[[int, str], None]
 
@@ -88,7 +88,12 @@ class Subject:
 
     @classmethod
     def of(cls, model: PreparedModel, policy: str) -> Subject:
-        engine = Engine(model, policy)
+        """The policy's engine as the server builds it: with the server's default safety net
+        (every adaptive policy is watched; graded-bn, the default policy, included)."""
+        from ttaserve.server.app import safety_config
+        from ttaserve.server.settings import ServerSettings
+
+        engine = Engine(model, policy, safety=safety_config(ServerSettings()))
         adapter = engine.adapter(engine.default)
         return cls(policy, engine, adapter, adapter.init_state(model))
 
@@ -121,7 +126,9 @@ def _warm(subjects: dict[str, Subject], batches: list[torch.Tensor]) -> None:
 
 def measure_overhead(subjects: dict[str, Subject], batches: list[torch.Tensor], reps: int,
                      target_s: float, seed: int, progress: Progress) -> dict[str, Any]:
-    """Per policy and path: median ratio to source (with quartiles) and ms per batch.
+    """Per policy and path: median ratio to source (with quartiles) and ms per batch, and
+    the source policy's own times (``source``: engine and bare forward, over every pair, or
+    over pairs of its two paths when it is the only policy).
     A block runs ``inner`` batches, chosen so that a source block lasts about ``target_s``."""
     _warm(subjects, batches)
     source = subjects["source"]
@@ -137,7 +144,31 @@ def measure_overhead(subjects: dict[str, Subject], batches: list[torch.Tensor], 
             for key, value in times.items():
                 samples[policy].setdefault(key, []).append(value)
             progress(1, f"overhead b{batches[0].shape[0]}")
-    return {"inner": inner, "policies": {p: _policy_result(s) for p, s in samples.items() if s}}
+        if not order:
+            for key, value in _source_pair(source, batches, inner, rep % 2 == 1).items():
+                samples["source"].setdefault(key, []).append(value)
+            progress(1, f"overhead b{batches[0].shape[0]}")
+    return {"inner": inner, "source": _source_result(samples),
+            "policies": {p: _policy_result(s) for p, s in samples.items() if s and p != "source"}}
+
+
+def _source_pair(source: Subject, batches: list[torch.Tensor], inner: int, raw_first: bool) -> dict[str, float]:
+    """The source policy's engine and bare-forward blocks back to back (nothing to compare it with)."""
+    modes = ("raw", "engine") if raw_first else ("engine", "raw")
+    timed = {mode: _block(source.call(mode), batches, inner) for mode in modes}
+    return {"source_engine_s": timed["engine"], "source_raw_s": timed["raw"],
+            "source_engine_vs_forward": timed["engine"] / timed["raw"]}
+
+
+def _source_result(samples: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """Source's times pooled over every pair it was timed in."""
+    pooled: dict[str, list[float]] = {}
+    for policy in samples.values():
+        for key in ("source_engine_s", "source_raw_s", "source_engine_vs_forward"):
+            pooled.setdefault(key, []).extend(policy.get(key, []))
+    return {"source_engine_vs_forward": _summary(pooled["source_engine_vs_forward"]),
+            "source_engine_ms": 1e3 * statistics.median(pooled["source_engine_s"]),
+            "source_raw_ms": 1e3 * statistics.median(pooled["source_raw_s"])}
 
 
 def _pair(source: Subject, policy: Subject, batches: list[torch.Tensor], inner: int,
