@@ -8,6 +8,32 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PEERS_VENV=${PEERS_VENV:-.venv-peers}
 
+# Help installs nothing: the options from an existing .venv, else this summary.
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help)
+      echo "usage: scripts/bench-peers.sh [OPTIONS]   (PEERS_VENV=DIR: the peers' virtualenv, default .venv-peers)"
+      echo "On first use installs ttaserve[bench] into .venv and the peers into \$PEERS_VENV, then runs"
+      echo "python -m ttaserve.bench.peers OPTIONS:"
+      echo
+      if .venv/bin/python -c "import ttaserve.bench.peers" 2>/dev/null; then
+        exec .venv/bin/python -m ttaserve.bench.peers --help
+      fi
+      cat <<'EOF'
+  --out DIR                      output directory (default ttaserve-results/peers)
+  --quick                        short runs (smoke test, not publishable)
+  --concurrency N [N ...]        client concurrencies (default 1 4 8)
+  --duration SECONDS             seconds per measurement (default 15; >= 10 to publish)
+  --rounds N                     interleaved rounds (default 2; >= 2 to publish)
+  --peers NAME [NAME ...]        ttaserve triton mlserver torchserve (default all)
+  --threads N                    torch threads of every server (default 1)
+  --allocator {tuned,default}    malloc setting of every server process (default tuned)
+  --peers-venv DIR               virtualenv holding the peers
+EOF
+      exit 0 ;;
+  esac
+done
+
 if ! .venv/bin/python -c "import ttaserve, tritonclient.grpc, matplotlib, tqdm" 2>/dev/null; then
   TTASERVE_EXTRAS=bench bash scripts/setup.sh
 fi

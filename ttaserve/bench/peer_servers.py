@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from ttaserve.server.memory import MMAP_THRESHOLD, TRIM_THRESHOLD
+
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
@@ -27,6 +29,11 @@ _REPO = _HERE.parents[1]
 _MODELS = _HERE.parent / "models"
 
 Caller = Callable[[np.ndarray], np.ndarray]  # images [B,1,28,28] -> logits [B,10]
+
+ALLOCATORS = ("tuned", "default")
+# ttaserve's in-process malloc tuning (server/memory.py) as glibc reads it from the
+# environment at start: given to every server process under --allocator tuned.
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
 class PeerError(RuntimeError):
@@ -44,11 +51,14 @@ class Launch:
 
 @dataclass(frozen=True)
 class Setup:
-    """What every launcher needs: interpreters, thread count, a scratch directory."""
+    """What every launcher needs: interpreters, thread count, a scratch directory (all
+    paths absolute: servers run with the scratch directory as their working directory),
+    and the allocator setting every server gets (one of ``ALLOCATORS``)."""
 
     peers_python: Path
     threads: int
     workdir: Path
+    allocator: str = "tuned"
 
 
 def free_port() -> int:
@@ -57,13 +67,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def equal_terms(setup: Setup) -> dict[str, str]:
+    """The variables every server process gets alike (its workers inherit them): thread
+    pools and, under ``tuned``, the malloc thresholds; under ``default`` nobody gets those."""
+    threads = {"OMP_NUM_THREADS": str(setup.threads), "MKL_NUM_THREADS": str(setup.threads)}
+    return {**threads, **(TUNED_MALLOC if setup.allocator == "tuned" else {})}
+
+
+def server_env(setup: Setup) -> dict[str, str]:
+    """This process's environment without any malloc setting of its own, plus ``equal_terms``."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    return {**inherited, "PYTHONUNBUFFERED": "1", **equal_terms(setup)}
+
+
 def _peer_env(setup: Setup) -> dict[str, str]:
     return {
-        **os.environ,
+        **server_env(setup),
         "PYTHONPATH": str(_SCRIPTS),
-        "PYTHONUNBUFFERED": "1",
         "PATH": f"{setup.peers_python.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "OMP_NUM_THREADS": str(setup.threads),
         "TTASERVE_PEER_RESNET": str(_MODELS / "resnet.py"),
         "TTASERVE_PEER_WEIGHTS": str(_MODELS / "weights" / "expert.safetensors"),
         "TTASERVE_PEER_THREADS": str(setup.threads),
@@ -137,8 +158,9 @@ def _launch_ttaserve(setup: Setup) -> Launch:
     port = free_port()
     command = [sys.executable, "-m", "ttaserve", "serve", "--grpc-port", str(port),
                "--metrics-port", "-1", "--policy", "source", "--torch-threads", str(setup.threads)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(setup.threads)}
-    return Launch(command, env, _triton_client(f"127.0.0.1:{port}"))
+    if setup.allocator != "tuned":  # no in-process tuning either: malloc as glibc ships it
+        command.append("--no-keep-freed-memory")
+    return Launch(command, server_env(setup), _triton_client(f"127.0.0.1:{port}"))
 
 
 def _launch_triton(setup: Setup) -> Launch:
@@ -223,15 +245,40 @@ def _log_tail(path: Path, lines: int = 15) -> str:
 
 
 @contextmanager
-def serving(launch: Launch, log_path: Path, timeout_s: float, probe: np.ndarray) -> Iterator[Caller]:
-    """Start the server in its own process group, wait until it answers, stop it afterwards."""
+def serving(launch: Launch, log_path: Path, timeout_s: float, probe: np.ndarray) -> Iterator[tuple[Caller, int]]:
+    """Start the server in its own session, wait until it answers, stop it afterwards;
+    yields a client and the session id (every process the server starts belongs to it)."""
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(launch.command, env=launch.env, cwd=log_path.parent,
                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield _wait_ready(proc, launch.client, probe, timeout_s, log_path)
+        yield _wait_ready(proc, launch.client, probe, timeout_s, log_path), proc.pid
     finally:
         _stop(proc)
+
+
+def _session_processes(session: int) -> Iterator[tuple[str, dict[str, str]]]:
+    """Name and initial environment (what glibc read at start) of each live process of ``session``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            if int(text[text.rindex(")") + 2:].split()[3]) != session:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+        pairs = (item.decode(errors="replace").partition("=") for item in environ if item)
+        yield text[text.index("(") + 1:text.rindex(")")], {k: v for k, _, v in pairs}
+
+
+def check_environments(session: int, expected: dict[str, str]) -> dict[str, Any]:
+    """Whether every process of the server (workers included) started with ``expected``
+    and with no malloc setting beyond it; the ones that did not are listed."""
+    keys = sorted({*expected, *TUNED_MALLOC})
+    want = {k: expected.get(k) for k in keys}
+    seen = [(name, {k: env.get(k) for k in keys}) for name, env in _session_processes(session)]
+    differing = [{"process": name, "env": env} for name, env in seen if env != want]
+    return {"processes": len(seen), "as_set": len(seen) - len(differing), "differing": differing}
 
 
 def _wait_ready(proc: subprocess.Popen, client: Callable[[], Caller], probe: np.ndarray,

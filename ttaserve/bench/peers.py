@@ -8,14 +8,31 @@ time, and the same load generator in this process drives each at several concurr
 Peers run from a separate virtualenv (``.venv-peers``, made by scripts/bench-peers.sh) so
 their pins never touch ttaserve's; the files that run inside each peer server live in ``bench/peer_scripts/``.
 
-Wire paths (all gRPC, the same client library where the protocol allows):
-- ttaserve, Triton (nvidia-pytriton's bundled tritonserver): stock tritonclient gRPC.
+Wire paths (all gRPC, one load generator: :func:`measure`, the same threads, closed loop,
+images and timing for every server; only the client object each thread calls differs):
+- ttaserve, Triton (nvidia-pytriton's bundled tritonserver): stock tritonclient gRPC
+  (``ModelInfer``, the batch as one FP32 tensor).
 - MLServer (custom runtime): stock tritonclient gRPC too; MLServer implements the same
   ``inference.GRPCInferenceService`` (KServe v2) and answers raw bytes to raw requests.
-- TorchServe (custom handler): its own gRPC API
-  ``org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions`` with raw float32
-  bytes; its KServe v2 service lives under another package name, so tritonclient cannot
-  reach it. The two messages are described at run time in a private descriptor pool.
+- TorchServe (custom handler): not tritonclient but TorchServe's own gRPC API,
+  ``org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions``, called through
+  grpcio's generic unary-unary stub (one channel per client thread, like tritonclient):
+  the request carries the model name and the 64 images as one little-endian float32 bytes
+  field, the response the 64x10 logits as float32 bytes; no tensor metadata is encoded or
+  decoded on either side, so this path does slightly less client work than ModelInfer.
+  Its KServe v2 service lives under another package name, so tritonclient cannot reach
+  it. The two messages are described at run time in a private descriptor pool.
+
+Equal terms: every server process, and every worker process it starts (MLServer's
+inference pool, TorchServe's Java frontend and Python workers, Triton's server and Python
+backend stubs), starts with the same environment for threads (``OMP_NUM_THREADS``,
+``MKL_NUM_THREADS``, and the torch thread count) and for the allocator. ``--allocator
+tuned`` (the default) gives all of them ttaserve's own malloc setting
+(``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``, what
+``ttaserve.server.memory`` sets in-process); ``--allocator default`` gives it to nobody and
+starts ttaserve with ``--no-keep-freed-memory``. After each server answers, the initial
+environment of every process in its session is read from ``/proc`` and recorded
+(``env_check``), so a worker that did not inherit the setting shows up in the result.
 
 Server settings (documented choices): one model instance / worker everywhere, like
 ttaserve's one worker per model. Triton keeps pytriton's dynamic batcher with
@@ -37,6 +54,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +62,23 @@ import numpy as np
 
 from ttaserve.bench.charts import draw
 from ttaserve.bench.peer_servers import (
+    ALLOCATORS,
     LAUNCHERS,
     PeerError,
     Setup,
+    check_environments,
     check_installed,
+    equal_terms,
     serving,
 )
+from ttaserve.bench.perf_report import shown
 
 __all__ = ["GOALS", "PEERS", "PeerError", "format_table", "measure", "run_peers"]
 
 log = logging.getLogger(__name__)
 
 BATCH = 64
+PUBLISHABLE = {"duration_s": 10.0, "rounds": 2.0}  # least seconds per point and interleaved rounds
 GOALS = {"triton": 1.0, "mlserver": 1.5, "torchserve": 1.0}  # ttaserve/peer throughput
 PEERS = ("ttaserve", "triton", "mlserver", "torchserve")
 _HERE = Path(__file__).resolve().parent
@@ -153,9 +176,10 @@ def _bench_server(name: str, setup: Setup, plan: dict[str, Any], progress: Any) 
     workdir.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
     try:
-        launch = launcher(Setup(setup.peers_python, setup.threads, workdir))
-        with serving(launch, workdir / "server.log", plan["startup_timeout_s"], plan["images"]) as call:
+        launch = launcher(replace(setup, workdir=workdir))
+        with serving(launch, workdir / "server.log", plan["startup_timeout_s"], plan["images"]) as (call, sid):
             diff = float(np.abs(call(plan["images"]) - plan["reference"]).max())
+            env_check = check_environments(sid, equal_terms(setup))
             for concurrency in plan["concurrencies"]:
                 progress.set_postfix_str(f"{name} c={concurrency}")
                 runs.append(measure(launch.client, plan["images"], concurrency,
@@ -165,7 +189,8 @@ def _bench_server(name: str, setup: Setup, plan: dict[str, Any], progress: Any) 
         progress.update(len(plan["concurrencies"]) - len(runs))
         log.warning("%s failed: %s", name, exc)
         return {"status": "failed", "reason": str(exc), "runs": runs}
-    return {"status": "ok", "max_abs_diff": diff, "runs": runs, "log": str(workdir / "server.log")}
+    return {"status": "ok", "max_abs_diff": diff, "env_check": env_check, "runs": runs,
+            "log": str(workdir / "server.log")}
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -188,6 +213,7 @@ def _merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "status": "ok",
         "max_abs_diff": max(r["max_abs_diff"] for r in results),
+        "env_check": [r["env_check"] for r in results],
         "runs": [_median_run(list(column)) for column in columns],
         "per_round": [r["runs"] for r in results],
         "log": last["log"],
@@ -217,7 +243,7 @@ def _ratios(servers: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]
 def run_peers(out_dir: str | Path, quick: bool = False, concurrencies: Sequence[int] | None = None,
               duration_s: float | None = None, *, peers: Sequence[str] = PEERS, threads: int = 1,
               peers_venv: str | Path | None = None, rounds: int | None = None,
-              startup_timeout_s: float = 240.0) -> dict[str, Any]:
+              startup_timeout_s: float = 240.0, allocator: str = "tuned") -> dict[str, Any]:
     """Benchmark ttaserve and its peers one after another in this run; write ``peers.json``
     and ``peers.png`` under ``out_dir`` and return the same result.
 
@@ -228,29 +254,23 @@ def run_peers(out_dir: str | Path, quick: bool = False, concurrencies: Sequence[
     ``threads`` is the torch intra-op thread count of every server (ttaserve's
     ``--torch-threads``): 1 by default because on a small shared machine the client, the
     server's I/O threads and OpenMP's spinning workers otherwise fight for the same cores.
+    ``allocator`` (``tuned`` or ``default``) is the malloc setting every server gets alike.
     A peer that is not installed or fails is recorded with the reason; the rest go on.
     """
+    # Absolute once, here: servers run in their own scratch directories, where a relative
+    # path would be applied a second time. Never resolved: bin/python is a symlink out of
+    # the virtualenv.
+    out = Path(out_dir).absolute()
+    _check_args(peers, allocator)
+    out.mkdir(parents=True, exist_ok=True)
+    venv = Path(peers_venv or os.environ.get("TTASERVE_PEERS_VENV") or _REPO / ".venv-peers").absolute()
+    plan = _plan(quick, concurrencies, duration_s, startup_timeout_s)
     from tqdm import tqdm
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    unknown = set(peers) - set(PEERS)
-    if unknown:
-        raise ValueError(f"unknown peers {sorted(unknown)}; choose from {PEERS}")
-    # absolute, never resolved: bin/python is a symlink out of the virtualenv
-    venv = Path(peers_venv or os.environ.get("TTASERVE_PEERS_VENV") or _REPO / ".venv-peers").absolute()
-    images = np.random.default_rng(0).random((BATCH, 1, 28, 28), dtype=np.float32)
-    plan: dict[str, Any] = {
-        "concurrencies": list(concurrencies or ((1, 4) if quick else (1, 4, 8))),
-        "duration_s": float(duration_s or (2.0 if quick else 15.0)),
-        "warmup_s": 0.5 if quick else 2.0,
-        "startup_timeout_s": startup_timeout_s,
-        "images": images,
-    }
+    rounds = rounds or (1 if quick else 2)
     direct = _direct_client()
     with _torch_threads(threads):
-        plan["reference"] = direct()(images)
-    rounds = rounds or (1 if quick else 2)
+        plan["reference"] = direct()(plan["images"])
     done: dict[str, list[dict[str, Any]]] = {name: [] for name in peers}
     baselines = []
     load_before = os.getloadavg()
@@ -258,8 +278,8 @@ def run_peers(out_dir: str | Path, quick: bool = False, concurrencies: Sequence[
     with tqdm(total=total, desc="peers", unit="run") as progress:
         for index in range(rounds):
             with _torch_threads(threads):
-                baselines.append(measure(direct, images, 1, plan["duration_s"], plan["warmup_s"]))
-            setup = Setup(venv / "bin" / "python", threads, out / "servers" / f"round{index}")
+                baselines.append(measure(direct, plan["images"], 1, plan["duration_s"], plan["warmup_s"]))
+            setup = Setup(venv / "bin" / "python", threads, out / "servers" / f"round{index}", allocator)
             for name in peers if index % 2 == 0 else peers[::-1]:
                 if done[name] and done[name][-1]["status"] != "ok":  # no retry of a broken peer
                     progress.update(len(plan["concurrencies"]))
@@ -269,10 +289,13 @@ def run_peers(out_dir: str | Path, quick: bool = False, concurrencies: Sequence[
     result = {
         "batch": BATCH,
         "threads": threads,
+        "allocator": allocator,
+        "server_env": equal_terms(Setup(venv, threads, out, allocator)),
         "concurrencies": plan["concurrencies"],
         "duration_s": plan["duration_s"],
         "warmup_s": plan["warmup_s"],
         "rounds": rounds,
+        **_publishable(quick, plan["duration_s"], rounds),
         "cpus": os.cpu_count(),
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "direct": _median_run(baselines),
@@ -282,6 +305,39 @@ def run_peers(out_dir: str | Path, quick: bool = False, concurrencies: Sequence[
     (out / "peers.json").write_text(json.dumps(result, indent=2))
     draw(out / "peers.png", lambda plt, path: _chart(plt, result, path))
     return result
+
+
+def _check_args(peers: Sequence[str], allocator: str) -> None:
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        raise ValueError(f"unknown peers {sorted(unknown)}; choose from {PEERS}")
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {allocator!r}; choose from {ALLOCATORS}")
+
+
+def _plan(quick: bool, concurrencies: Sequence[int] | None, duration_s: float | None,
+          startup_timeout_s: float) -> dict[str, Any]:
+    return {
+        "concurrencies": list(concurrencies or ((1, 4) if quick else (1, 4, 8))),
+        "duration_s": float(duration_s or (2.0 if quick else 15.0)),
+        "warmup_s": 0.5 if quick else 2.0,
+        "startup_timeout_s": startup_timeout_s,
+        "images": np.random.default_rng(0).random((BATCH, 1, 28, 28), dtype=np.float32),
+    }
+
+
+def _publishable(quick: bool, duration_s: float, rounds: int) -> dict[str, Any]:
+    """Whether the run is long enough for a published table (quick runs never are); a
+    full run that is too short says so in the log too (2-s points swung 0.5x-1.3x)."""
+    short = []
+    if duration_s < PUBLISHABLE["duration_s"]:
+        short.append(f"{duration_s:g} s per point (< {PUBLISHABLE['duration_s']:g})")
+    if rounds < PUBLISHABLE["rounds"]:
+        short.append(f"{rounds} round(s) (< {PUBLISHABLE['rounds']:g})")
+    reasons = ["--quick", *short] if quick else short
+    if short and not quick:
+        log.warning("not publishable: %s", "; ".join(short))
+    return {"publishable": not reasons, "not_publishable_because": reasons}
 
 
 def _chart(plt: Any, result: dict[str, Any], path: Path) -> None:
@@ -331,32 +387,57 @@ def format_table(result: dict[str, Any]) -> str:
     for name, rows in result["ratios"].items():
         for row in rows:
             mark = "met" if row["goal_met"] else "NOT met"
-            lines.append(f"  vs {name:<11} c={row['concurrency']:<3} {row['throughput']:.2f}x "
+            lines.append(f"  vs {name:<11} c={row['concurrency']:<3} {shown(row['throughput'], row['goal'])}x "
                          f"[>= {row['goal']}: {mark}]  p99 {row['p99']:.2f}x")
     load = result["load_average"]
     lines.append(f"load average (1 min) before/after: {load['before'][0]:.1f} / {load['after'][0]:.1f}"
                  f" on {result['cpus']} CPUs")
-    return "\n".join(lines)
+    return "\n".join(lines + _terms_lines(result))
+
+
+def _terms_lines(result: dict[str, Any]) -> list[str]:
+    """What every server got alike, what the run is worth, and any process that differed."""
+    env = " ".join(f"{k}={v}" for k, v in result.get("server_env", {}).items())
+    lines = [f"every server: allocator {result.get('allocator', '?')}, torch threads {result['threads']}, "
+             f"env {env or '?'}; {result['duration_s']:g} s per point, median of {result['rounds']} round(s)"]
+    if not result.get("publishable", False):
+        because = "; ".join(result.get("not_publishable_because", [])) or "no record"
+        lines.append(f"NOT publishable ({because}): use >= {PUBLISHABLE['duration_s']:g} s per point "
+                     f"and >= {PUBLISHABLE['rounds']:g} rounds")
+    for name, server in result["servers"].items():
+        for check in server.get("env_check", []):
+            for process in check["differing"]:
+                lines.append(f"warning: {name} process {process['process']} started with {process['env']}")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ttaserve.bench.peers", description=__doc__.splitlines()[0],
+                                     epilog="A published table needs >= 10 s per point and >= 2 rounds; "
+                                     "shorter runs are marked \"publishable\": false in peers.json.")
     parser.add_argument("--out", default="ttaserve-results/peers", help="output directory")
     parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=None)
-    parser.add_argument("--duration", type=float, default=None, help="seconds per measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None,
+                        help="client concurrencies (default 1 4 8; quick 1 4)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds per measurement (default 15; quick 2)")
     parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 1 quick, 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; quick 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every server")
     parser.add_argument("--peers-venv", default=None, help="virtualenv holding the peers")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="tuned",
+                        help="malloc setting of every server process: tuned (ttaserve's thresholds, "
+                        "MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, for all) or default (glibc's, for all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     result = run_peers(args.out, args.quick, args.concurrency, args.duration, peers=args.peers,
-                       threads=args.threads, peers_venv=args.peers_venv, rounds=args.rounds)
+                       threads=args.threads, peers_venv=args.peers_venv, rounds=args.rounds,
+                       allocator=args.allocator)
     print(format_table(result))
-    written = [p for p in (Path(args.out) / "peers.json", Path(args.out) / "peers.png") if p.exists()]
+    out = Path(args.out).absolute()
+    written = [p for p in (out / "peers.json", out / "peers.png") if p.exists()]
     print(f"\nwritten: {', '.join(map(str, written))}")
     return 0
 
