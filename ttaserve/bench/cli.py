@@ -137,7 +137,8 @@ def _add_perf(group: Any) -> None:
                    help="where perf.json/.md/.png go (default ./ttaserve-results)")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 1 and 16, 3 repetitions")
     p.add_argument("--batch-sizes", type=_csv(int), default=None, help="comma-separated (default 1,16,64)")
-    p.add_argument("--policies", type=_csv(str), default=None, help="comma-separated (default all)")
+    p.add_argument("--policies", type=_csv(str), default=None,
+                   help="comma-separated (default all, graded-bn included, timed with the server's safety net)")
     p.add_argument("--reps", type=int, default=None, help="paired repetitions (default 9)")
     p.add_argument("--block", dest="block_s", type=float, default=None, metavar="SECONDS",
                    help="length of one timed source block (default 0.05)")
