@@ -1,4 +1,4 @@
-"""Cross-session batching gives each request what it would get alone."""
+"""Cross-session batching (Engine.predict_many) gives each request what it would get alone."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from ttaserve import Engine
-from ttaserve.batching import Request, predict_many
+from ttaserve.adapters.safety import SafetyConfig
+from ttaserve.batching import Prediction, Request
 from ttaserve.errors import InvalidInput
+
+SHARING = ["source", "tbn", "alpha-bn", "unmix-tns", "graded-bn"]
 
 
 def _batches(sizes: list[int], seed: int = 0) -> list[torch.Tensor]:
@@ -15,43 +18,110 @@ def _batches(sizes: list[int], seed: int = 0) -> list[torch.Tensor]:
     return [torch.rand(n, 1, 28, 28, generator=gen) * (0.3 + 0.2 * i) for i, n in enumerate(sizes)]
 
 
-@pytest.mark.parametrize("policy", ["source", "tbn", "alpha-bn"])
-def test_shared_forward_equals_each_request_alone(demo_module: torch.nn.Module, policy: str) -> None:
-    xs = _batches([8, 3, 1, 16])
-    alone = [Engine(demo_module, policy).predict(x, session=f"s{i}") for i, x in enumerate(xs)]
-    engine = Engine(demo_module, policy)
-    together = predict_many(engine, [Request(x, session=f"s{i}") for i, x in enumerate(xs)])
-    for a, b in zip(alone, together):
-        assert isinstance(b, torch.Tensor)
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
-    assert [engine.sessions.get(f"s{i}").samples for i in range(4)] == [8, 3, 1, 16]
+def _logits(result: object) -> torch.Tensor:
+    assert isinstance(result, Prediction), result
+    return result.logits
 
 
-def test_stateful_policies_fall_back_to_per_session_execution(demo_module: torch.nn.Module) -> None:
+@pytest.mark.parametrize("policy", SHARING)
+def test_shared_forward_equals_each_session_alone_over_a_stream(demo_module: torch.nn.Module, policy: str) -> None:
+    """Four sessions, five rounds each: batched together, every request gets (within 1e-5)
+    what its session alone gets, and each session's state ends the same."""
+    sizes = [8, 3, 1, 16]
+    alone = Engine(demo_module, policy)
+    together = Engine(demo_module, policy)
+    for step in range(5):
+        xs = _batches(sizes, seed=step)
+        expected = [alone.predict(x, session=f"s{i}") for i, x in enumerate(xs)]
+        got = together.predict_many([Request(x, session=f"s{i}") for i, x in enumerate(xs)])
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(_logits(g), e, rtol=0, atol=1e-5)
+            assert g.policy == together.default.name  # type: ignore[union-attr]
+    for i in range(4):
+        a, b = alone.sessions.get(f"s{i}"), together.sessions.get(f"s{i}")
+        assert (a.batches, a.samples) == (b.batches, b.samples) == (5, 5 * sizes[i])
+        for key, value in a.state.items():
+            torch.testing.assert_close(b.state[key], value, rtol=0, atol=1e-5)
+
+
+def test_sessions_of_different_policies_share_one_pass(demo_module: torch.nn.Module) -> None:
+    policies = ["graded-bn", "unmix-tns", "alpha-bn", "source", "tbn"]
+    xs = _batches([4, 6, 2, 5, 3])
+    alone = Engine(demo_module)
+    expected = [alone.predict(x, session=f"s{i}", policy=p) for i, (p, x) in enumerate(zip(policies, xs))]
+    engine = Engine(demo_module)
+    got = engine.predict_many([Request(x, f"s{i}", policy=p) for i, (p, x) in enumerate(zip(policies, xs))])
+    for p, e, g in zip(policies, expected, got):
+        torch.testing.assert_close(_logits(g), e, rtol=0, atol=1e-5)
+        assert g.policy == Engine(demo_module, p).default.name  # type: ignore[union-attr]
+
+
+def test_an_unsequenced_request_gets_the_policy_it_names(demo_module: torch.nn.Module) -> None:
+    """A request without a sequence id naming tta_policy=tbn is answered by tbn, alone or
+    batched, and the result says so (it used to get the default policy's logits)."""
+    x, other = _batches([8, 4])
+    expected = Engine(demo_module, "tbn").predict(x)
+    engine = Engine(demo_module, "source")
+    for requests in ([Request(x, policy="tbn")], [Request(x, policy="tbn"), Request(other, "s")]):
+        first = engine.predict_many(requests)[0]
+        torch.testing.assert_close(_logits(first), expected, rtol=0, atol=1e-5)
+        assert first.policy == "alpha-bn"  # type: ignore[union-attr]  # tbn is alpha-bn with alpha=0
+    assert not torch.allclose(expected, engine.predict(x), atol=1e-3)
+
+
+def test_two_requests_of_one_session_run_in_order(demo_module: torch.nn.Module) -> None:
     xs = _batches([4, 4, 4])
     reference = Engine(demo_module, "unmix-tns")
     expected = [reference.predict(x, session="a") for x in xs]
     engine = Engine(demo_module, "unmix-tns")
-    got = predict_many(engine, [Request(x, session="a") for x in xs])
-    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    got = engine.predict_many([Request(x, session="a") for x in xs])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(_logits(g), e, rtol=0, atol=1e-5)
+
+
+def test_policies_that_cannot_share_run_alone(demo_module: torch.nn.Module) -> None:
+    xs = _batches([4, 4])
+    expected = [Engine(demo_module, "tent").predict(x, session=f"s{i}") for i, x in enumerate(xs)]
+    got = Engine(demo_module, "tent").predict_many([Request(x, f"s{i}") for i, x in enumerate(xs)])
+    assert all(torch.equal(_logits(g), e) for g, e in zip(got, expected))
 
 
 def test_a_bad_request_only_fails_itself(demo_module: torch.nn.Module) -> None:
     good = _batches([4, 4])
     bad = torch.full((2, 1, 28, 28), float("nan"))
     engine = Engine(demo_module, "tbn")
-    results = predict_many(engine, [Request(good[0], "a"), Request(bad, "b"), Request(good[1], "c")])
+    results = engine.predict_many([Request(good[0], "a"), Request(bad, "b"), Request(good[1], "c")])
     assert isinstance(results[1], InvalidInput)
-    torch.testing.assert_close(results[0], Engine(demo_module, "tbn").predict(good[0]), rtol=0, atol=1e-5)
+    assert engine.sessions.get("b") is None
+    torch.testing.assert_close(_logits(results[0]), Engine(demo_module, "tbn").predict(good[0]), rtol=0, atol=1e-5)
 
 
 def test_per_segment_drift_signals(demo_module: torch.nn.Module) -> None:
     clean, shifted = _batches([8, 8])
     shifted = shifted * 0.1 + 0.45
     engine = Engine(demo_module, "tbn")
-    predict_many(engine, [Request(clean, "clean"), Request(shifted, "shifted")])
+    engine.predict_many([Request(clean, "clean"), Request(shifted, "shifted")])
     alone = Engine(demo_module, "tbn")
     alone.predict(shifted, session="shifted")
     got = engine.signals_of(engine.sessions.get("shifted"))["norm_divergence"]
     expected = alone.signals_of(alone.sessions.get("shifted"))["norm_divergence"]
     assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_safety_net_runs_per_session_in_a_shared_pass(demo_module: torch.nn.Module) -> None:
+    """A hair-trigger safety net: every session falls back at the same batch batched or
+    alone, is then answered by source (and says so), and counts the same fallbacks."""
+    strict = SafetyConfig(min_evidence=4, entropy_margin=-1.0, confident_entropy=1.0)
+    alone = Engine(demo_module, "graded-bn", safety=strict)
+    together = Engine(demo_module, "graded-bn", safety=strict)
+    for step in range(4):
+        xs = _batches([16, 8], seed=step)
+        expected = [alone.run(Request(x, f"s{i}")) for i, x in enumerate(xs)]
+        got = together.predict_many([Request(x, f"s{i}") for i, x in enumerate(xs)])
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(_logits(g), e.logits, rtol=0, atol=1e-5)
+            assert g.policy == e.policy  # type: ignore[union-attr]
+    for i in range(2):
+        a, b = alone.sessions.get(f"s{i}"), together.sessions.get(f"s{i}")
+        assert a.fallbacks == b.fallbacks and sum(a.fallbacks.values()) > 0
+    assert {e.policy for e in expected} == {"source"}

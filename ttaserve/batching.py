@@ -1,97 +1,134 @@
-"""Cross-session batching: predict several requests with as few forward passes as the
-policies allow.
+"""Cross-session batching: the pieces :meth:`ttaserve.engine.Engine.predict_many` uses to
+predict several requests with as few forward passes as the policies allow.
 
-Requests whose policy is stateless and segment-aware (``forward_segments``: ``source``,
-``alpha-bn``, ``tbn``) share one forward pass even when they belong to different
-sessions; every BatchNorm layer computes its statistics per request segment
-(kernels.segment_moments), never across requests. All other requests run one by one, in
-arrival order. A shared forward gives each request what it would get alone up to float
-rounding: CPU convolution kernels may sum in a different order for a different batch
-size, so outputs agree to ~1e-6 (tested at 1e-5) rather than bit for bit.
+A request joins a *shared* forward pass when its policy acts only through BatchNorm
+(:func:`segment_normalization`: ``source``, ``alpha-bn``/``tbn``, ``unmix-tns``,
+``graded-bn``), whatever its session and whatever the other requests' policies. The
+convolutions and the head run once over the whole batch; every BatchNorm layer hands each
+request's *segment* to that request's own normalizer (:class:`SegmentedNorm`), which
+computes its statistics from that segment and that session's state only, so no request
+sees another's samples or state. Each session commits its own update afterwards. A shared
+forward gives each request what it would get alone up to float rounding: CPU convolution
+kernels may sum in a different order for a different batch size, so outputs agree to
+~1e-6 (tested at 1e-5 per policy) rather than bit for bit.
+
+Requests of other policies (prediction-side, gradient and merging policies, compositions)
+run one at a time, in arrival order, through the same per-session code as a lone request.
+A session with two requests in one batch sees them in arrival order: the second waits for
+the next pass (:func:`rounds`).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ttaserve.engine import Engine, PolicyChoice, check_input
+from ttaserve.adapters.alpha_bn import AlphaBNNorm
+from ttaserve.adapters.base import Normalization, TensorState
+from ttaserve.adapters.model import AdaptiveBatchNorm2d, NormHook
 from ttaserve.sessions import SequenceId, Session
 
 
 @dataclass
 class Request:
+    """One request to an engine: a batch, its session (None: adapt on this batch alone and
+    keep nothing) and the request parameters."""
+
     x: torch.Tensor
     session: SequenceId | None = None
     adapt: bool = True
-    policy: str | None = None
+    policy: str | None = None  # tta_policy: only on a session's first request (or with start)
     start: bool = False
     end: bool = False
 
 
-Result = torch.Tensor | Exception
+@dataclass(frozen=True)
+class Prediction:
+    """A request's logits and the policy that produced them (``source`` while a session's
+    safety net has it answered by the source model)."""
+
+    logits: torch.Tensor
+    policy: str
 
 
-def shareable(engine: Engine, choice: PolicyChoice, sequenced: bool) -> bool:
-    """Whether a request may join a shared forward: a stateless, segment-aware policy, and
-    no safety net to consult (sessions of adaptive policies have one; it runs per session)."""
-    watched = sequenced and engine.watched(choice)
-    return hasattr(engine.adapter(choice), "forward_segments") and engine.stateless(choice) and not watched
+Result = Prediction | Exception
 
 
-def predict_many(engine: Engine, requests: Sequence[Request]) -> list[Result]:
-    """One result per request: logits, or the exception that request raised (a bad request
-    never affects the others)."""
-    results: list[Result | None] = [None] * len(requests)
-    groups: dict[PolicyChoice, list[int]] = {}
-    for i, request in enumerate(requests):
-        try:
-            check_input(request.x)
-            choice = engine.choice_for(request.policy)
-            if request.session is not None:
-                live = engine.open_session(request.session, choice, request.policy is not None, request.start)
-                choice = PolicyChoice(live.policy, tuple(sorted(live.params.items())))
-            if len(requests) > 1 and shareable(engine, choice, request.session is not None):
-                groups.setdefault(choice, []).append(i)
+@dataclass
+class Planned:
+    """A request admitted to a shared forward pass, and what its pass found out."""
+
+    index: int  # position in the caller's list
+    request: Request
+    policy: str  # the session's (or the request's) policy
+    session: Session | None
+    adapter: Any  # a NormalizationPolicy
+    norm: Normalization | None = None  # None: answered by the source model (safety-net cooldown)
+    state: TensorState = field(default_factory=TensorState)  # an unsequenced request's throwaway state
+    resets_before: Counter[str] = field(default_factory=Counter)
+    skipped: str | None = None  # why the outlier gate kept this batch from the state
+
+    @property
+    def sequence_id(self) -> SequenceId | None:
+        return self.request.session
+
+
+def rounds(requests: Sequence[Request]) -> Iterator[list[int]]:
+    """Request indices in passes where no session appears twice, in arrival order."""
+    pending = list(range(len(requests)))
+    while pending:
+        taken: set[SequenceId] = set()
+        now, later = [], []
+        for i in pending:
+            session = requests[i].session
+            if session is not None and session in taken:
+                later.append(i)
             else:
-                results[i] = engine.predict(request.x, request.session, adapt=request.adapt,
-                                            policy=None, end=request.end)
-        except Exception as exc:  # reported to that request only
-            results[i] = exc
-    for choice, members in groups.items():
-        _shared_forward(engine, choice, [requests[i] for i in members], members, results)
-    return [r if r is not None else RuntimeError("request was not processed") for r in results]
+                now.append(i)
+                if session is not None:
+                    taken.add(session)
+        yield now
+        pending = later
 
 
-def _shared_forward(engine: Engine, choice: PolicyChoice, group: list[Request], members: list[int],
-                    results: list[Result | None]) -> None:
+def offsets_of(planned: Sequence[Planned]) -> list[int]:
     offsets = [0]
-    for request in group:
-        offsets.append(offsets[-1] + request.x.shape[0])
-    adapter = engine.adapter(choice)
-    try:
-        with engine.observed(offsets) as moments:
-            logits = adapter.forward_segments(engine.model, torch.cat([r.x for r in group]), offsets)  # type: ignore[attr-defined]
-    except Exception as exc:
-        for i in members:
-            results[i] = exc
-        return
-    for k, (request, i) in enumerate(zip(group, members)):
-        out = logits[offsets[k]:offsets[k + 1]]
-        session = engine.sessions.get(request.session) if request.session is not None else None
-        if session is not None:
-            _count(session, out)
-        engine.report(choice.name, out, moments, {}, session, (), segment=k)
-        if request.end and request.session is not None:
-            engine.sessions.end(request.session)
-        results[i] = out
+    for p in planned:
+        offsets.append(offsets[-1] + p.request.x.shape[0])
+    return offsets
 
 
-def _count(session: Session, out: torch.Tensor) -> None:
-    with session.lock:
-        session.batches += 1
-        session.samples += out.shape[0]
-        session.last_active = time.monotonic()
+class SegmentedNorm:
+    """The normalizer of a shared pass: each request segment through its own hook (None:
+    the source statistics)."""
+
+    def __init__(self, hooks: Sequence[NormHook | None], offsets: Sequence[int]) -> None:
+        self.hooks = list(hooks)
+        self.spans = list(zip(offsets[:-1], offsets[1:]))
+
+    def __call__(self, layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer.source(z[a:b]) if hook is None else hook(layer, z[a:b])
+                          for hook, (a, b) in zip(self.hooks, self.spans)])
+
+
+def shared_hook(hooks: Sequence[NormHook | None], offsets: Sequence[int],
+                any_hook: bool) -> tuple[bool, NormHook | None]:
+    """(whether the pass can run, its normalizer). All-source passes need none; all-equal
+    ``alpha-bn`` hooks become one segment-aware alpha-bn (one kernel per layer, and what a
+    backend running its own graph understands); anything else needs a model that runs
+    Python hooks (``any_hook``)."""
+    first = hooks[0]
+    if all(h is None for h in hooks):
+        return True, None
+    if isinstance(first, AlphaBNNorm) and first.offsets is None and all(h == first for h in hooks):
+        return True, AlphaBNNorm(first.alpha, tuple(offsets))
+    return any_hook, SegmentedNorm(hooks, offsets)
+
+
+def segment_moments(moments: list[Any], segment: int) -> list[Any]:
+    """A shared pass's per-segment moments ([S, C]) as one request's (layer, mean, var)."""
+    return [(layer, mean[segment], var[segment]) for layer, mean, var in moments]

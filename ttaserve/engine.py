@@ -1,13 +1,14 @@
 """In-process API: one model, its default policy and its sessions. The server, the
-benchmarks and the tests all predict through :meth:`Engine.predict`."""
+benchmarks and the tests all predict through :meth:`Engine.predict` (one batch) or
+:meth:`Engine.predict_many` (several requests, batched across sessions)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -15,9 +16,20 @@ from torch import nn
 
 from ttaserve import snapshot
 from ttaserve.adapters import Adapter, PreparedModel, canonical, create_adapter, prepare
+from ttaserve.adapters.base import NormalizationPolicy
 from ttaserve.adapters.guard import CollapseGuard, GuardConfig, all_finite
 from ttaserve.adapters.model import normalizer, observe_moments
-from ttaserve.adapters.safety import SafetyConfig, SafetyNet
+from ttaserve.adapters.safety import Reason, SafetyConfig, SafetyNet
+from ttaserve.batching import (
+    Planned,
+    Prediction,
+    Request,
+    Result,
+    offsets_of,
+    rounds,
+    segment_moments,
+    shared_hook,
+)
 from ttaserve.drift import DriftTracker, symmetric_kl
 from ttaserve.errors import InvalidInput, NotFound
 from ttaserve.outliers import OutlierConfig, outlier_reason
@@ -157,21 +169,47 @@ class Engine:
 
         ``session=None`` adapts on this batch alone and keeps nothing. ``policy`` may only
         be given on a session's first request (or with ``start``)."""
+        return self.run(Request(x, session, adapt, policy, start, end)).logits
+
+    def run(self, request: Request) -> Prediction:
+        """:meth:`predict` for a :class:`Request`, with the policy that answered it."""
+        x = request.x
         check_input(x)
-        choice = self.choice_for(policy)
-        if session is None:
+        choice = self.choice_for(request.policy)
+        if request.session is None:
             adapter = self.adapter(choice)
             state = adapter.init_state(self.model)
             with self.observed() as moments:
-                logits = adapter.forward(self.model, x, state, adapt)
+                logits = adapter.forward(self.model, x, state, request.adapt)
             self.report(choice.name, logits, moments, adapter.signals(state), None, ())
-            return logits
-        live = self.open_session(session, choice, policy is not None, start)
+            return Prediction(logits, choice.name)
+        live = self.open_session(request.session, choice, request.policy is not None, request.start)
         try:
-            return self._run(live, x, adapt)
+            return self._run(live, x, request.adapt)
         finally:
-            if end:
-                self.sessions.end(session)
+            if request.end:
+                self.sessions.end(request.session)
+
+    def predict_many(self, requests: Sequence[Request]) -> list[Result]:
+        """One result per request, in order: a :class:`Prediction`, or the exception that
+        request raised (a bad request never affects the others). Requests whose policies
+        act through BatchNorm share forward passes across sessions; the rest run alone
+        (ttaserve/batching.py). Each gets what it would get alone, up to float rounding."""
+        results: list[Result | None] = [None] * len(requests)
+        for indices in rounds(requests):
+            shared: list[Planned] = []
+            for i in indices:
+                try:
+                    planned = self._plan(i, requests[i]) if len(indices) > 1 else self.run(requests[i])
+                    if isinstance(planned, Planned):
+                        shared.append(planned)
+                    else:
+                        results[i] = planned
+                except Exception as exc:  # reported to that request only
+                    results[i] = exc
+            if shared:
+                self._run_shared(shared, results)
+        return [r if r is not None else RuntimeError("request was not processed") for r in results]
 
     def choice_for(self, policy: str | None) -> PolicyChoice:
         """The policy a request asks for (``tta_policy``), or the model's default."""
@@ -188,7 +226,145 @@ class Engine:
             )
         return live
 
-    def _run(self, session: Session, x: torch.Tensor, adapt: bool) -> torch.Tensor:
+    def _plan(self, index: int, request: Request) -> Planned | Prediction:
+        """Admit a request to the round's shared forward pass, or run it alone now (its
+        policy cannot share)."""
+        check_input(request.x)
+        choice = self.choice_for(request.policy)
+        if request.session is None:
+            adapter = self.adapter(choice)
+            if not isinstance(adapter, NormalizationPolicy):
+                return self.run(request)
+            return Planned(index, request, choice.name, None, adapter)
+        live = self.open_session(request.session, choice, request.policy is not None, request.start)
+        if isinstance(live.adapter, NormalizationPolicy):
+            return Planned(index, request, live.policy, live, live.adapter)
+        try:
+            return self._run(live, request.x, request.adapt)
+        finally:
+            if request.end:
+                self.sessions.end(request.session)
+
+    def _run_shared(self, planned: list[Planned], results: list[Result | None]) -> None:
+        """One forward pass for the round's shareable requests; a round left with one
+        request, or whose normalizers this model cannot combine, runs them alone."""
+        if len(planned) > 1:
+            with contextlib.ExitStack() as locks:
+                for p in sorted((p for p in planned if p.session is not None), key=lambda p: repr(p.sequence_id)):
+                    locks.enter_context(p.session.lock)  # type: ignore[union-attr]
+                offsets = offsets_of(planned)
+                runs, hook = shared_hook([self._normalization(p) for p in planned], offsets, self.model.runs_hooks)
+                if runs:
+                    self._forward_shared(planned, hook, offsets, results)
+                    return
+        for p in planned:
+            try:
+                results[p.index] = self.run(replace(p.request, policy=None, start=False)) if p.session is not None \
+                    else self.run(p.request)
+            except Exception as exc:  # reported to that request only
+                results[p.index] = exc
+
+    def _normalization(self, p: Planned) -> Any:
+        """A planned request's normalizer (under its session's lock); None: source statistics."""
+        if p.session is None:
+            p.state = p.adapter.init_state(self.model)
+            p.norm = p.adapter.normalization(self.model, p.state, p.request.x)
+        elif p.session.safety is not None and p.session.safety.falling_back:
+            p.norm = None  # the safety net's cooldown: answered by the source model
+        else:
+            p.norm = p.adapter.normalization(self.model, p.session.state, p.request.x)
+        return p.norm.hook if p.norm is not None else None
+
+    def _forward_shared(self, planned: list[Planned], hook: Any, offsets: list[int],
+                        results: list[Result | None]) -> None:
+        gate = self.outliers.enabled and any(p.request.adapt for p in planned)
+        try:
+            with torch.no_grad(), normalizer(hook), self.observed(offsets, gate=gate) as moments:
+                logits = self.model(torch.cat([p.request.x for p in planned]))
+        except Exception as exc:
+            for p in planned:
+                results[p.index] = exc
+            return
+        outs = [logits[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        settled = [self._settle(p, out, segment_moments(moments, k)) for k, (p, out) in enumerate(zip(planned, outs))]
+        checks = [self._due_checks(p, out) for p, out in zip(planned, settled)]
+        wanted = [p.request.x[:n] for p, n in zip(planned, checks) if n]
+        source = iter(torch.split(self.source_logits(torch.cat(wanted)), [w.shape[0] for w in wanted])) if wanted else iter(())
+        for k, (p, out, n) in enumerate(zip(planned, settled, checks)):
+            fallback = self._verdict(p.session, out[:n], next(source)) if n else None
+            results[p.index] = self._book(p, out, moments, k, fallback)
+
+    def _settle(self, p: Planned, logits: torch.Tensor, moments: list[Any]) -> torch.Tensor:
+        """A shared pass's segment, as :meth:`_run` treats a lone batch up to the safety
+        check: outlier gate, commit, collapse guard."""
+        session, request = p.session, p.request
+        if p.norm is None:
+            return logits
+        if session is None:
+            if request.adapt:
+                p.norm.commit(logits)
+            return logits
+        p.resets_before = session.resets.copy()
+        gated = request.adapt and self.outliers.enabled and len(session.state) > 0
+        p.skipped = outlier_reason(request.x, moments, self.outliers) if gated else None
+        if request.adapt and p.skipped is None:
+            p.norm.commit(logits)
+        elif p.skipped is not None:  # not committed: the state is as before this batch
+            session.skipped[p.skipped] += 1
+            if not all_finite(session.state):  # broken before this batch: still reset
+                self._reset_locked(session, "non_finite")
+        return self._guarded(session, request.x, logits, request.adapt and p.skipped is None)
+
+    def _due_checks(self, p: Planned, logits: torch.Tensor) -> int:
+        """How many of a segment's leading samples the safety net wants to see through source."""
+        session = p.session
+        if session is None or p.norm is None or session.safety is None:
+            return 0
+        if not p.request.adapt or p.skipped is not None:
+            return 0
+        return session.safety.samples_to_check(logits.shape[0])
+
+    def _book(self, p: Planned, logits: torch.Tensor, moments: list[Any], segment: int,
+              fallback: Reason | None) -> Prediction:
+        """Counters, drift signals and the monitor for one segment of a shared pass."""
+        session = p.session
+        if session is None:
+            self.report(p.policy, logits, moments, p.adapter.signals(p.state), None, (), segment=segment)
+            return Prediction(logits, p.policy)
+        if p.norm is None:
+            assert session.safety is not None
+            session.safety.served_from_source(logits.shape[0])
+            self._count(session, logits)
+            self.report("source", logits, moments, session.safety.signals(), session, (), segment=segment)
+            self._end_if_asked(p)
+            return Prediction(logits, "source")
+        self._count(session, logits)
+        caused = tuple((session.resets - p.resets_before).elements())
+        self.report(session.policy, logits, moments, self._signals(session), session, caused,
+                    segment=segment, skipped=p.skipped, fallback=fallback)
+        self._end_if_asked(p)
+        return Prediction(logits, session.policy)
+
+    def _end_if_asked(self, p: Planned) -> None:
+        if p.request.end and p.request.session is not None:
+            self.sessions.end(p.request.session)
+
+    @staticmethod
+    def _count(session: Session, logits: torch.Tensor) -> None:
+        session.batches += 1
+        session.samples += logits.shape[0]
+        session.last_active = time.monotonic()
+
+    def _signals(self, session: Session) -> dict[str, float]:
+        """A session's policy, guard and safety-net signals, for the monitor."""
+        extra = session.adapter.signals(session.state)
+        if session.guard is not None:
+            extra = {**extra, **{f"guard_{k}": v for k, v in session.guard.signals().items()}}
+        if session.safety is not None:
+            extra = {**extra, **{f"safety_{k}": v for k, v in session.safety.signals().items()}}
+        return extra
+
+    def _run(self, session: Session, x: torch.Tensor, adapt: bool) -> Prediction:
         with session.lock:
             if session.safety is not None and session.safety.falling_back:
                 return self._run_fallback(session, x)
@@ -205,18 +381,11 @@ class Engine:
                     self._reset_locked(session, "non_finite")
             logits = self._guarded(session, x, logits, adapt and skipped is None)
             fallback = self._checked(session, x, logits) if adapt and skipped is None else None
-            session.batches += 1
-            session.samples += x.shape[0]
-            session.last_active = time.monotonic()
+            self._count(session, logits)
             caused = tuple((session.resets - resets_before).elements())
-            extra = session.adapter.signals(session.state)
-            if session.guard is not None:
-                extra = {**extra, **{f"guard_{k}": v for k, v in session.guard.signals().items()}}
-            if session.safety is not None:
-                extra = {**extra, **{f"safety_{k}": v for k, v in session.safety.signals().items()}}
-            self.report(session.policy, logits, moments, extra, session, caused, skipped=skipped,
-                        fallback=fallback)
-        return logits
+            self.report(session.policy, logits, moments, self._signals(session), session, caused,
+                        skipped=skipped, fallback=fallback)
+        return Prediction(logits, session.policy)
 
     def _checked(self, session: Session, x: torch.Tensor, logits: torch.Tensor) -> str | None:
         """Show the safety net the batch's leading samples through the source model too;
@@ -225,24 +394,26 @@ class Engine:
         count = net.samples_to_check(x.shape[0]) if net is not None else 0
         if net is None or count == 0:
             return None
-        reason = net.observe(logits[:count], self.source_logits(x[:count]))
+        return self._verdict(session, logits[:count], self.source_logits(x[:count]))
+
+    def _verdict(self, session: Session | None, adapted: torch.Tensor, source: torch.Tensor) -> Reason | None:
+        assert session is not None and session.safety is not None
+        reason = session.safety.observe(adapted, source)
         if reason is not None:
             self._fresh_state(session)
             session.fallbacks[reason] += 1
-            net.fall_back()
+            session.safety.fall_back()
         return reason
 
-    def _run_fallback(self, session: Session, x: torch.Tensor) -> torch.Tensor:
+    def _run_fallback(self, session: Session, x: torch.Tensor) -> Prediction:
         """A batch of a session in its safety-net cooldown: the source model answers."""
         assert session.safety is not None
         with self.observed() as moments:  # drift signals still see the data
             logits = self.source_logits(x)
         session.safety.served_from_source(x.shape[0])
-        session.batches += 1
-        session.samples += x.shape[0]
-        session.last_active = time.monotonic()
+        self._count(session, logits)
         self.report("source", logits, moments, session.safety.signals(), session, ())
-        return logits
+        return Prediction(logits, "source")
 
     def source_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model exactly as trained (source statistics), no state involved."""

@@ -31,7 +31,7 @@ from ttaserve.adapters.base import (
     TensorState,
     run_normalized,
 )
-from ttaserve.adapters.model import AdaptiveBatchNorm2d, NormHook, PreparedModel, normalizer
+from ttaserve.adapters.model import AdaptiveBatchNorm2d, NormHook, PreparedModel
 from ttaserve.adapters.registry import bounds, register, register_alias
 from ttaserve.kernels.select import implementation
 
@@ -92,10 +92,6 @@ class AlphaBN:
         self, model: PreparedModel, x: torch.Tensor, state: TensorState, adapt: bool = True
     ) -> torch.Tensor:
         return run_normalized(self.normalization(model, state, x), model, x, adapt)
-
-    def forward_segments(self, model: PreparedModel, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
-        with torch.no_grad(), normalizer(alpha_bn_norm(self.params.alpha, offsets)):
-            return model(x)
 
     def signals(self, state: TensorState) -> dict[str, float]:
         return {}

@@ -44,7 +44,12 @@ class TensorState(dict[str, torch.Tensor]):
 @runtime_checkable
 class Adapter(Protocol):
     """A test-time adaptation policy. The object is immutable; all mutable data is in the
-    :class:`TensorState` it creates."""
+    :class:`TensorState` it creates.
+
+    Segment support: a policy that also implements ``normalization``
+    (:class:`NormalizationPolicy`; ``source`` too) shares forward passes with other
+    requests and sessions (ttaserve/batching.py: each request segment is normalized by its
+    own session's normalizer). Other policies run one request at a time."""
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -69,11 +74,13 @@ class Adapter(Protocol):
 
 class Normalization(Protocol):
     """One forward pass of a normalization policy: ``hook`` normalizes every BatchNorm2d
-    input (see :func:`ttaserve.adapters.model.normalizer`); ``commit`` updates the session's
-    state from what the pass saw and the logits it produced. Splitting the two lets a
-    prediction-side policy run over the normalization (``alpha-bn+adanpc``)."""
+    input (see :func:`ttaserve.adapters.model.normalizer`; None: the source statistics);
+    ``commit`` updates the session's state from what the pass saw and the logits it
+    produced. Splitting the two lets a prediction-side policy run over the normalization
+    (``alpha-bn+adanpc``) and several sessions share one pass (ttaserve/batching.py)."""
 
-    def hook(self, layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor: ...
+    @property
+    def hook(self) -> Callable[[AdaptiveBatchNorm2d, torch.Tensor], torch.Tensor] | None: ...
 
     def commit(self, logits: torch.Tensor) -> None: ...
 
@@ -89,9 +96,10 @@ class NormalizationPolicy(Adapter, Protocol):
 
 
 class StatelessNormalization:
-    """A normalization that keeps nothing between batches (alpha-bn, tbn)."""
+    """A normalization that keeps nothing between batches (alpha-bn, tbn; ``None``: the
+    source statistics)."""
 
-    def __init__(self, hook: Callable[[AdaptiveBatchNorm2d, torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, hook: Callable[[AdaptiveBatchNorm2d, torch.Tensor], torch.Tensor] | None) -> None:
         self.hook = hook
 
     def commit(self, logits: torch.Tensor) -> None:

@@ -49,7 +49,9 @@ def split(name: str) -> tuple[str, str]:
 
 
 def can_normalize(adapter: Adapter) -> bool:
-    return isinstance(adapter, NormalizationPolicy)
+    # source is a NormalizationPolicy only so that it can share forward passes; under a
+    # prediction-side policy it would change nothing
+    return isinstance(adapter, NormalizationPolicy) and adapter.name != "source"
 
 
 def can_predict_over(adapter: Adapter) -> bool:

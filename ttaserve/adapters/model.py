@@ -15,7 +15,7 @@ import copy
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -178,6 +178,9 @@ class PreparedModel:
     head_name: str
     artifacts: dict[str, Any] = field(default_factory=dict)
     _artifact_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Whether any normalizer hook runs in a forward pass (a backend running its own graph
+    # only knows the hooks it has rules for): decides which requests share a pass.
+    runs_hooks: ClassVar[bool] = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)

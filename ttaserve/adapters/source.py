@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from ttaserve.adapters.base import TensorState
+from ttaserve.adapters.base import Normalization, StatelessNormalization, TensorState
 from ttaserve.adapters.model import PreparedModel, normalizer
 from ttaserve.adapters.registry import register
 
@@ -39,10 +39,10 @@ class Source:
         with torch.no_grad(), normalizer(None):
             return model(x)
 
-    def forward_segments(self, model: PreparedModel, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
-        """Several requests in one pass: samples never interact under source statistics."""
-        with torch.no_grad(), normalizer(None):
-            return model(x)
+    def normalization(self, model: PreparedModel, state: TensorState, x: torch.Tensor) -> Normalization:
+        """The source statistics (no hook): lets a source request share a forward pass with
+        other requests (ttaserve/batching.py); samples never interact under them."""
+        return StatelessNormalization(None)
 
     def signals(self, state: TensorState) -> dict[str, float]:
         return {}

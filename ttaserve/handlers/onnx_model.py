@@ -16,7 +16,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -83,6 +83,8 @@ def _torch_layer(node: BatchNormNode) -> AdaptiveBatchNorm2d:
 
 class OnnxModel(PreparedModel):
     """An ONNX graph served by ONNX Runtime; see the module docstring."""
+
+    runs_hooks: ClassVar[bool] = False  # only the normalizers onnx_rules.py has rules for
 
     def __init__(self, info: GraphInfo, providers: list[str], threads: int, source: str = "") -> None:
         layers = [_torch_layer(node) for node in info.layers]

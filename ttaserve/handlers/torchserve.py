@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ttaserve.adapters import ModelError, PolicyError, Unsupported
-from ttaserve.batching import Request, predict_many
+from ttaserve.batching import Prediction, Request
 from ttaserve.engine import Engine
 from ttaserve.errors import InvalidInput, NotFound, Overloaded
 from ttaserve.handlers.spec import DTYPES, ModelSpec
@@ -93,7 +93,7 @@ class TorchServeHandler:
             except Exception as exc:  # noqa: BLE001 - reported to that request only
                 decoded.append(exc)
         good = [d for d in decoded if isinstance(d, Decoded)]
-        results = iter(predict_many(self.engine, [Request(d.x, d.session, d.adapt, d.policy, d.start, d.end)
+        results = iter(self.engine.predict_many([Request(d.x, d.session, d.adapt, d.policy, d.start, d.end)
                                                   for d in good]))
         responses = []
         for idx, item in enumerate(decoded):
@@ -124,11 +124,10 @@ class TorchServeHandler:
                        _flag(headers.get(SEQUENCE_START, False), SEQUENCE_START),
                        _flag(headers.get(SEQUENCE_END, False), SEQUENCE_END))
 
-    def _response(self, request: Decoded, logits: torch.Tensor) -> dict[str, Any]:
-        session = self.engine.sessions.get(request.session) if request.session else None
-        policy = session.policy if session is not None else self.engine.choice_for(request.policy).name
+    def _response(self, request: Decoded, answer: Prediction) -> dict[str, Any]:
+        logits = answer.logits
         return {"logits": logits.detach().numpy().tolist(), "predictions": logits.argmax(1).tolist(),
-                "policy": policy, "sequence_id": request.session}
+                "policy": answer.policy, "sequence_id": request.session}
 
 
 def _json(body: Any) -> dict[str, Any]:

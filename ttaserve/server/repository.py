@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import torch
 
 from ttaserve.adapters import Unsupported
 from ttaserve.adapters.safety import SafetyConfig
-from ttaserve.batching import Request, predict_many
+from ttaserve.batching import Prediction, Request
 from ttaserve.engine import BatchReport, Engine
 from ttaserve.errors import DeadlineExceeded, NotFound, Overloaded, Unavailable, shown
 from ttaserve.handlers.loader import LoadedModel
@@ -156,10 +157,9 @@ class ServedModel:
             kept = [item for i, item in enumerate(items) if i not in late]
             done_kept = iter(self._infer_many_sync(kept) if kept else [])
             return [late[i] if i in late else next(done_kept) for i in range(len(items))]
-        policies = [self._policy_of(r) for r, _ in items]
         requests = [Request(_tensor(r), r.sequence_id, r.adapt, r.policy, r.start, r.end) for r, _ in items]
         with torch.inference_mode(False):
-            results = predict_many(self.engine, requests)
+            results = self.engine.predict_many(requests)
         if self.state_store is not None:
             for each in requests:
                 self.state_store.after_request(each.session)
@@ -169,14 +169,18 @@ class ServedModel:
         done = time.perf_counter_ns()
         (out_name,) = (t.name for t in self.spec.outputs)
         out: list[tuple[dict[str, np.ndarray], str] | Exception] = []
-        for (_, enqueued), policy, result in zip(items, policies, results):
+        answered = [r for r in results if isinstance(r, Prediction)]
+        for (_, enqueued), result in zip(items, results):
             self.metrics.queue_seconds.labels(self.name).observe((started - enqueued) / 1e9)
             if isinstance(result, Exception):
                 out.append(result)
                 continue
-            out.append(({out_name: result.detach().numpy()}, policy))
-        self._observe(sum(r.x.shape[0] for r in requests), started - items[0][1], done - started,
-                      policies[0])
+            out.append(({out_name: result.logits.detach().numpy()}, result.policy))
+        # a shared pass's compute is booked to each policy by its share of the images
+        shares: Counter[str] = Counter()
+        for result in answered:
+            shares[result.policy] += result.logits.shape[0]
+        self._observe(sum(shares.values()), started - items[0][1], done - started, shares)
         return out
 
     def _infer_sync(self, request: InferRequest, enqueued: int) -> tuple[dict[str, np.ndarray], str]:
@@ -184,29 +188,20 @@ class ServedModel:
         self.metrics.queue_seconds.labels(self.name).observe((started - enqueued) / 1e9)
         self._admit(request)
         x = _tensor(request)
-        policy = self._policy_of(request)
         with torch.inference_mode(False):
-            logits = self.engine.predict(
-                x, request.sequence_id, adapt=request.adapt, policy=request.policy,
-                start=request.start, end=request.end,
-            )
+            answer = self.engine.run(Request(x, request.sequence_id, request.adapt, request.policy,
+                                             request.start, request.end))
         if self.state_store is not None:
             self.state_store.after_request(request.sequence_id)
         if request.sequence_id is not None:
             self.memory.charge(request.sequence_id)
         done = time.perf_counter_ns()
-        self._observe(x.shape[0], started - enqueued, done - started, policy)
+        self._observe(x.shape[0], started - enqueued, done - started, Counter({answer.policy: x.shape[0]}))
         (out_name,) = (t.name for t in self.spec.outputs)
-        return {out_name: logits.detach().numpy()}, policy
+        return {out_name: answer.logits.detach().numpy()}, answer.policy
 
-    def _policy_of(self, request: InferRequest) -> str:
-        if request.sequence_id is not None:
-            session = self.engine.sessions.get(request.sequence_id)
-            if session is not None and not request.start:
-                return session.policy
-        return self.engine.choice_for(request.policy).name
-
-    def _observe(self, batch: int, queue_ns: int, compute_ns: int, policy: str) -> None:
+    def _observe(self, batch: int, queue_ns: int, compute_ns: int, images: Counter[str]) -> None:
+        """Statistics of one model execution of ``batch`` images (``images`` per policy)."""
         s = self.stats
         s.inference_count += batch
         s.execution_count += 1
@@ -216,7 +211,8 @@ class ServedModel:
         entry = s.batch_counts.setdefault(batch, [0, 0])
         entry[0] += 1
         entry[1] += compute_ns
-        self.metrics.compute_seconds.labels(self.name, policy).observe(compute_ns / 1e9)
+        for policy, count in images.items():
+            self.metrics.compute_seconds.labels(self.name, policy).observe(compute_ns / 1e9 * count / max(batch, 1))
         self.metrics.batch_size.labels(self.name).observe(batch)
         self.metrics.live_sessions.labels(self.name).set(len(self.engine.sessions))
 
