@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny
+from ttaserve import Engine
 from ttaserve.adapters import PolicyError, PreparedModel, TensorState, create_adapter
 from ttaserve.adapters.graded_bn import batch_trust, label_diversity, layer_priors, mixed, push
 
@@ -170,3 +171,15 @@ def test_batch_size_one_works_and_differs_from_instance_normalization(tiny: Prep
 def test_invalid_parameters_are_refused(bad: dict[str, float]) -> None:
     with pytest.raises(PolicyError):
         create_adapter("graded-bn", **bad)
+
+
+def test_drift_observation_shares_its_moments_and_changes_nothing(demo_module: torch.nn.Module) -> None:
+    """With drift signals on, graded-bn reuses the batch moments the observer computed for
+    the same layer input; outputs and state stay bit-identical to a run without them."""
+    gen = torch.Generator().manual_seed(5)
+    watched, plain = Engine(demo_module, "graded-bn"), Engine(demo_module, "graded-bn", track_drift=False)
+    for step in range(6):
+        x = torch.rand(32, 1, 28, 28, generator=gen) * (0.2 + 0.1 * step)
+        assert torch.equal(watched.predict(x, session="s"), plain.predict(x, session="s"))
+    a, b = watched.sessions.get("s").state, plain.sessions.get("s").state
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -56,7 +56,7 @@ import torch
 
 from ttaserve.adapters.base import Normalization, TensorState, run_normalized
 from ttaserve.adapters.guard import normalized_entropy
-from ttaserve.adapters.model import AdaptiveBatchNorm2d, PreparedModel
+from ttaserve.adapters.model import AdaptiveBatchNorm2d, PreparedModel, observed_moments
 from ttaserve.adapters.registry import bounds, register
 from ttaserve.kernels.norm import batch_moments, normalize
 
@@ -168,7 +168,7 @@ class GradedNorm:
         self.seen.append((layer.index, mean_b, var_b))
 
     def __call__(self, layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
-        mean_b, var_b = batch_moments(z.detach())
+        mean_b, var_b = observed_moments(z) or batch_moments(z.detach())  # shared with drift signals
         self.record(layer, mean_b, var_b)
         mean, var = mixed(self.weight(layer, z.shape[0]), mean_b, var_b, *self.estimate(layer))
         return normalize(z, mean, var, layer.weight, layer.bias, layer.eps)

@@ -34,6 +34,11 @@ _MOMENTS: contextvars.ContextVar[list[tuple[AdaptiveBatchNorm2d, torch.Tensor, t
 _SEGMENTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
     "ttaserve_segments", default=None
 )
+# The layer input being normalized now and the moments the drift observer just computed
+# for it, so that a normalizer needing the same batch moments does not compute them twice.
+_OBSERVED: contextvars.ContextVar[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = (
+    contextvars.ContextVar("ttaserve_observed", default=None)
+)
 _FEATURES: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
     "ttaserve_features", default=None
 )
@@ -71,9 +76,17 @@ class AdaptiveBatchNorm2d(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         sink = _MOMENTS.get()
-        if sink is not None:  # drift monitoring: what the data looks like at this layer
-            sink.append((self, *_moments(z.detach(), _SEGMENTS.get())))
         hook = _NORM_HOOK.get()
+        if sink is not None:  # drift monitoring: what the data looks like at this layer
+            segments = _SEGMENTS.get()
+            mean, var = _moments(z.detach(), segments)
+            sink.append((self, mean, var))
+            if hook is not None and segments is None:
+                token = _OBSERVED.set((z, mean, var))
+                try:
+                    return hook(self, z)
+                finally:
+                    _OBSERVED.reset(token)
         if hook is None:
             return self.source(z)
         return hook(self, z)
@@ -113,6 +126,13 @@ def active_normalizer() -> NormHook | None:
     """The normalizer of the forward pass running in this context (None: source). Backends
     that do not run the torch layers (ONNX Runtime) read it to pick their graph."""
     return _NORM_HOOK.get()
+
+
+def observed_moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The batch moments (:func:`ttaserve.kernels.norm.batch_moments`) of exactly this layer
+    input if the drift observer already computed them in this pass, else None."""
+    seen = _OBSERVED.get()
+    return (seen[1], seen[2]) if seen is not None and seen[0] is z else None
 
 
 def observing() -> bool:
