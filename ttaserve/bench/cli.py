@@ -146,7 +146,8 @@ def _add_perf(group: Any) -> None:
                    help="torch threads here and in the servers (default 1; 0 = torch's default)")
     p.add_argument("--adanpc-entries", type=int, default=None, help="AdaNPC source memory size (60000)")
     p.add_argument("--batch-delay-us", type=int, default=None, help="the batching server's delay (5000)")
-    p.add_argument("--session-policy", default=None, help="policy of the 32 sequences (alpha-bn)")
+    p.add_argument("--session-policy", default=None, help="policy of the 32 sequences (alpha-bn); comma-separated policies are "
+                   "given to the sequences round robin, e.g. alpha-bn,unmix-tns,adanpc")
     p.add_argument("--no-server", dest="server", action="store_false", default=None,
                    help="in-process parts only (no gRPC, no many-sessions)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", default=None,

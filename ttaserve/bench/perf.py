@@ -153,7 +153,7 @@ def _server_parts(config: Config, model: Any, images: torch.Tensor, out_dir: Pat
                                  [x.numpy() for x in split(images, config.grpc_batch, 4)],
                                  config.grpc_rounds, config.grpc_requests, progress)
         sessions = many_sessions(urls, _streams(images, config), config.session_policy,
-                                 Engine(model, config.session_policy), config.session_rounds, progress)
+                                 Engine(model), config.session_rounds, progress)
     sessions["batch_delay_us"] = config.batch_delay_us
     return {"grpc": grpc, "sessions": sessions}
 

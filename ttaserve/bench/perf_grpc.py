@@ -162,15 +162,16 @@ def _iqr(values: list[float]) -> list[float]:
     return [q[0], q[2]]
 
 
-def _sequential(client: Any, streams: Streams, params: dict[str, Any]) -> dict[tuple[int, int], np.ndarray]:
+def _sequential(client: Any, streams: Streams, params: dict[int, dict[str, Any]]) -> dict[tuple[int, int], np.ndarray]:
     out = {}
     for k in range(len(next(iter(streams.values())))):
         for sid, batches in streams.items():
-            out[(sid, k)] = _infer(client, batches[k], sid, params)
+            out[(sid, k)] = _infer(client, batches[k], sid, params[sid])
     return out
 
 
-def _concurrent(clients: dict[int, Any], streams: Streams, params: dict[str, Any]) -> tuple[float, dict[tuple[int, int], np.ndarray]]:
+def _concurrent(clients: dict[int, Any], streams: Streams,
+                params: dict[int, dict[str, Any]]) -> tuple[float, dict[tuple[int, int], np.ndarray]]:
     """All sequences at once, one thread each; wall time from a common start to the last reply."""
     out: dict[tuple[int, int], np.ndarray] = {}
     errors: list[BaseException] = []
@@ -180,7 +181,7 @@ def _concurrent(clients: dict[int, Any], streams: Streams, params: dict[str, Any
         barrier.wait()
         try:
             for k, x in enumerate(streams[sid]):
-                out[(sid, k)] = _infer(clients[sid], x, sid, params)
+                out[(sid, k)] = _infer(clients[sid], x, sid, params[sid])
         except BaseException as exc:  # reported by the caller
             errors.append(exc)
 
@@ -199,8 +200,10 @@ def _concurrent(clients: dict[int, Any], streams: Streams, params: dict[str, Any
 
 def many_sessions(urls: dict[str, str], streams: Streams, policy: str, reference: Engine,
                   rounds: int, progress: Progress) -> dict[str, Any]:
-    """Throughput of the three ways to serve the same sequences, and their ratios per round."""
-    params = {"tta_policy": policy}
+    """Throughput of the three ways to serve the same sequences, and their ratios per round.
+    ``policy`` may name several policies (comma-separated): sequence i runs the i-th, round robin."""
+    names = policy.split(",")
+    params = {sid: {"tta_policy": names[i % len(names)]} for i, sid in enumerate(streams)}
     seq_client = _client(urls["plain"])
     clients = {name: {sid: _client(urls[name]) for sid in streams} for name in ("plain", "batched")}
     images = sum(x.shape[0] for batches in streams.values() for x in batches)
@@ -220,22 +223,24 @@ def many_sessions(urls: dict[str, str], streams: Streams, policy: str, reference
             if r > 0:
                 samples[name].append(images / wall)
         progress(1, "many sessions")
-    return _sessions_result(samples, outputs, streams, reference, urls["batched"], policy)
+    return _sessions_result(samples, outputs, streams, reference, urls["batched"], policy, params)
 
 
-def _isolated_diff(outputs: dict[tuple[int, int], np.ndarray], streams: Streams, reference: Engine) -> float:
+def _isolated_diff(outputs: dict[tuple[int, int], np.ndarray], streams: Streams, reference: Engine,
+                   params: dict[int, dict[str, Any]]) -> float:
     """Largest difference from each sequence predicted alone, in order, in this process."""
     worst = 0.0
     for sid, batches in streams.items():
         reference.sessions.end(sid)
         for k, x in enumerate(batches):
-            alone = reference.predict(torch.from_numpy(x), session=sid).numpy()
+            alone = reference.predict(torch.from_numpy(x), session=sid, policy=params[sid]["tta_policy"]).numpy()
             worst = max(worst, float(np.abs(outputs[(sid, k)] - alone).max()))
     return worst
 
 
 def _sessions_result(samples: dict[str, list[float]], outputs: dict[str, dict[tuple[int, int], np.ndarray]],
-                     streams: Streams, reference: Engine, batched_url: str, policy: str) -> dict[str, Any]:
+                     streams: Streams, reference: Engine, batched_url: str, policy: str,
+                     params: dict[int, dict[str, Any]]) -> dict[str, Any]:
     stats = _client(batched_url).get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
     executions, inferences = int(stats.get("execution_count", 0)), int(stats.get("inference_count", 0))
     base = samples["sequential"]
@@ -248,5 +253,5 @@ def _sessions_result(samples: dict[str, list[float]], outputs: dict[str, dict[tu
         "batched_vs_sequential_iqr": _iqr([b / s for b, s in zip(samples["batched"], base)]),
         "concurrent_vs_sequential": statistics.median([c / s for c, s in zip(samples["concurrent"], base)]),
         "batched_mean_forward_images": inferences / executions if executions else None,
-        "max_abs_diff_vs_isolated": {k: _isolated_diff(v, streams, reference) for k, v in outputs.items()},
+        "max_abs_diff_vs_isolated": {k: _isolated_diff(v, streams, reference, params) for k, v in outputs.items()},
     }
