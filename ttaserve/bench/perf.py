@@ -145,6 +145,9 @@ def _server_parts(config: Config, model: Any, images: torch.Tensor, out_dir: Pat
                   progress: Progress) -> dict[str, Any]:
     from ttaserve.bench.perf_grpc import grpc_vs_inprocess, many_sessions, served
     from ttaserve.engine import Engine
+    from ttaserve.models import demo
+    from ttaserve.server.app import safety_config
+    from ttaserve.server.settings import ServerSettings
 
     threads = config.threads if config.threads > 0 else torch.get_num_threads()
     configs = {"plain": 0, "batched": config.batch_delay_us}
@@ -152,8 +155,11 @@ def _server_parts(config: Config, model: Any, images: torch.Tensor, out_dir: Pat
         grpc = grpc_vs_inprocess(urls["plain"], Engine(model, "source"),
                                  [x.numpy() for x in split(images, config.grpc_batch, 4)],
                                  config.grpc_rounds, config.grpc_requests, progress)
+        # the reference is the model as the server loads it (perf's own model has an
+        # enlarged AdaNPC memory), with the server's safety net
         sessions = many_sessions(urls, _streams(images, config), config.session_policy,
-                                 Engine(model), config.session_rounds, progress)
+                                 Engine(demo(), safety=safety_config(ServerSettings())),
+                                 config.session_rounds, progress)
     sessions["batch_delay_us"] = config.batch_delay_us
     return {"grpc": grpc, "sessions": sessions}
 

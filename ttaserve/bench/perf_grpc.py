@@ -93,12 +93,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def _infer(client: Any, x: np.ndarray, sequence_id: int, params: dict[str, Any] | None = None) -> np.ndarray:
+def _infer(client: Any, x: np.ndarray, sequence_id: int, params: dict[str, Any] | None = None,
+           start: bool = False) -> np.ndarray:
     import tritonclient.grpc as grpcclient
 
     tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
-    result = client.infer(MODEL, [tensor], sequence_id=sequence_id, parameters=params)
+    result = client.infer(MODEL, [tensor], sequence_id=sequence_id, sequence_start=start, parameters=params)
     return result.as_numpy("logits")
 
 
@@ -166,7 +167,7 @@ def _sequential(client: Any, streams: Streams, params: dict[int, dict[str, Any]]
     out = {}
     for k in range(len(next(iter(streams.values())))):
         for sid, batches in streams.items():
-            out[(sid, k)] = _infer(client, batches[k], sid, params[sid])
+            out[(sid, k)] = _infer(client, batches[k], sid, params[sid], start=k == 0)
     return out
 
 
@@ -181,7 +182,7 @@ def _concurrent(clients: dict[int, Any], streams: Streams,
         barrier.wait()
         try:
             for k, x in enumerate(streams[sid]):
-                out[(sid, k)] = _infer(clients[sid], x, sid, params[sid])
+                out[(sid, k)] = _infer(clients[sid], x, sid, params[sid], start=k == 0)
         except BaseException as exc:  # reported by the caller
             errors.append(exc)
 
@@ -201,7 +202,9 @@ def _concurrent(clients: dict[int, Any], streams: Streams,
 def many_sessions(urls: dict[str, str], streams: Streams, policy: str, reference: Engine,
                   rounds: int, progress: Progress) -> dict[str, Any]:
     """Throughput of the three ways to serve the same sequences, and their ratios per round.
-    ``policy`` may name several policies (comma-separated): sequence i runs the i-th, round robin."""
+    ``policy`` may name several policies (comma-separated): sequence i runs the i-th, round
+    robin. Every run starts each sequence afresh (``sequence_start``), so every run of a
+    stateful policy can be compared with the sequence alone."""
     names = policy.split(",")
     params = {sid: {"tta_policy": names[i % len(names)]} for i, sid in enumerate(streams)}
     seq_client = _client(urls["plain"])

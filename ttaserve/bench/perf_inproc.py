@@ -28,12 +28,13 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ttaserve.adapters import Adapter, PreparedModel, TensorState, prepare
+from ttaserve.adapters.safety import SafetyConfig
 from ttaserve.engine import Engine
 
 __all__ = ["POLICIES", "Subject", "bench_images", "bench_model", "measure_memory", "measure_overhead", "split"]
@@ -77,6 +78,16 @@ def split(images: torch.Tensor, batch: int, count: int) -> list[torch.Tensor]:
     return [images[index[i * batch:(i + 1) * batch]].contiguous() for i in range(count)]
 
 
+def timed_safety() -> SafetyConfig:
+    """The server's safety net with its source checks as served, never falling back (an
+    adapted entropy 1.0 of ln C above the source's, or a marginal entropy below zero, cannot
+    happen)."""
+    from ttaserve.server.app import safety_config
+    from ttaserve.server.settings import ServerSettings
+
+    return replace(safety_config(ServerSettings()), entropy_margin=1.0, collapse_ratio=0.0)
+
+
 @dataclass
 class Subject:
     """One policy, reachable both through an Engine session and as a bare adapter."""
@@ -89,11 +100,10 @@ class Subject:
     @classmethod
     def of(cls, model: PreparedModel, policy: str) -> Subject:
         """The policy's engine as the server builds it: with the server's default safety net
-        (every adaptive policy is watched; graded-bn, the default policy, included)."""
-        from ttaserve.server.app import safety_config
-        from ttaserve.server.settings import ServerSettings
-
-        engine = Engine(model, policy, safety=safety_config(ServerSettings()))
+        (every adaptive policy is watched; graded-bn, the default policy, included). Its
+        checks run as served but its verdicts are disabled: a session that fell back would
+        be answered by source, and the policy's own cost would no longer be timed."""
+        engine = Engine(model, policy, safety=timed_safety())
         adapter = engine.adapter(engine.default)
         return cls(policy, engine, adapter, adapter.init_state(model))
 
