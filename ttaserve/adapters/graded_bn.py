@@ -56,7 +56,7 @@ import torch
 
 from ttaserve.adapters.base import Normalization, TensorState, run_normalized
 from ttaserve.adapters.guard import normalized_entropy
-from ttaserve.adapters.model import AdaptiveBatchNorm2d, PreparedModel, observed_moments
+from ttaserve.adapters.model import AdaptiveBatchNorm2d, PreparedModel, aside, observed_moments
 from ttaserve.adapters.registry import bounds, register
 from ttaserve.kernels.norm import batch_moments, normalize
 
@@ -70,6 +70,9 @@ class GradedBNParams:
     diversity_floor: float = field(default=0.15, metadata=bounds(0.0, 0.99))
     sure_entropy: float = field(default=0.2, metadata=bounds(0.0, 1.0))
     unsure_entropy: float = field(default=0.45, metadata=bounds(0.0, 1.0))
+    # A fresh session judges its first batch by the source model's predictions on it (one
+    # extra forward per session start) instead of trusting it fully.
+    probe_first: bool = True
 
     def __post_init__(self) -> None:
         if self.prior_first < 0 or self.prior_last < 0:
@@ -110,11 +113,24 @@ def label_diversity(window: torch.Tensor, num_classes: int) -> float:
 def batch_trust(params: GradedBNParams, state: TensorState, num_classes: int) -> float:
     """r: how much a batch counts, from the recent predictions: their label diversity, or
     their uncertainty when that is higher, above the floor, rescaled to [0, 1]."""
-    diversity = label_diversity(state["window"], num_classes)
-    entropy = float(state["entropy"])
+    return trust_of(params, label_diversity(state["window"], num_classes), float(state["entropy"]))
+
+
+def trust_of(params: GradedBNParams, diversity: float, entropy: float) -> float:
+    """r from a label diversity and a mean entropy / ln C (negative: none yet)."""
     unsure = 0.0 if entropy < 0 else (entropy - params.sure_entropy) / (params.unsure_entropy - params.sure_entropy)
     evidence = max(diversity, min(1.0, max(0.0, unsure)))
     return max(0.0, (evidence - params.diversity_floor) / (1.0 - params.diversity_floor))
+
+
+def probed_trust(params: GradedBNParams, model: PreparedModel, x: torch.Tensor, num_classes: int) -> float:
+    """A fresh session's trust in its first batch, from the source model's predictions on
+    it: with nothing seen yet, a one-class first batch the model is sure of (a camera
+    starting on one kind of object) must not set the statistics, while a batch the shift
+    makes the model unsure of still counts."""
+    with torch.no_grad(), aside():
+        logits = model(x)
+    return trust_of(params, label_diversity(logits.argmax(1), num_classes), float(normalized_entropy(logits)))
 
 
 def mixed(weight: float, mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor,
@@ -219,7 +235,9 @@ class GradedBN:
     def normalization(self, model: PreparedModel, state: TensorState, x: torch.Tensor) -> Normalization:
         priors = layer_priors(self.params, len(model.bn_layers))
         classes = max(model.num_classes, 1)
-        return GradedNorm(self.params, state, priors, classes, batch_trust(self.params, state, classes))
+        fresh = self.params.probe_first and int(state["seen"]) == 0
+        trust = probed_trust(self.params, model, x, classes) if fresh else batch_trust(self.params, state, classes)
+        return GradedNorm(self.params, state, priors, classes, trust)
 
     def forward(
         self, model: PreparedModel, x: torch.Tensor, state: TensorState, adapt: bool = True

@@ -128,6 +128,19 @@ def active_normalizer() -> NormHook | None:
     return _NORM_HOOK.get()
 
 
+@contextlib.contextmanager
+def aside() -> Iterator[None]:
+    """A forward pass outside the current one: source statistics, nothing observed or
+    captured (a policy's look at a batch before its real pass)."""
+    tokens = (_NORM_HOOK.set(None), _MOMENTS.set(None), _SEGMENTS.set(None), _FEATURES.set(None),
+              _OBSERVED.set(None))
+    try:
+        yield
+    finally:
+        for var, token in zip((_NORM_HOOK, _MOMENTS, _SEGMENTS, _FEATURES, _OBSERVED), tokens):
+            var.reset(token)  # type: ignore[attr-defined]
+
+
 def observed_moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The batch moments (:func:`ttaserve.kernels.norm.batch_moments`) of exactly this layer
     input if the drift observer already computed them in this pass, else None."""
