@@ -9,6 +9,8 @@ import torch
 
 from tests.conftest import make_tiny
 from ttaserve import Engine
+from ttaserve.bench.corruptions import corrupt
+from ttaserve.data import load_split
 from ttaserve.adapters import PolicyError, PreparedModel, TensorState, create_adapter
 from ttaserve.adapters.graded_bn import batch_trust, label_diversity, layer_priors, mixed, push
 
@@ -183,3 +185,25 @@ def test_drift_observation_shares_its_moments_and_changes_nothing(demo_module: t
         assert torch.equal(watched.predict(x, session="s"), plain.predict(x, session="s"))
     a, b = watched.sessions.get("s").state, plain.sessions.get("s").state
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_fresh_session_does_not_trust_a_one_class_first_batch_the_model_is_sure_of(
+        demo_module: torch.nn.Module) -> None:
+    """64 clean sandals as a session's first batch: the source model is sure of them, so
+    graded-bn answers exactly as source (trust 0); without the probe the batch set the
+    shallow layers' statistics and most of them were misclassified."""
+    images, labels = load_split("test")
+    sandals = images[labels == 5][:64]
+    source = Engine(demo_module, "source").predict(sandals)
+    probed = Engine(demo_module, "graded-bn").predict(sandals, session="s")
+    assert torch.equal(probed, source)
+    trusting = Engine(demo_module, "graded-bn", probe_first=False).predict(sandals, session="s")
+    assert (trusting.argmax(1) != 5).sum() > (source.argmax(1) != 5).sum() + 10
+
+
+def test_the_probe_still_trusts_a_first_batch_the_shift_makes_the_model_unsure_of(
+        demo_module: torch.nn.Module) -> None:
+    images, _ = load_split("test")
+    noisy = corrupt(images[:64], "gaussian_noise", 5, seed=0)
+    engine = Engine(demo_module, "graded-bn")
+    assert not torch.equal(engine.predict(noisy, session="s"), Engine(demo_module, "source").predict(noisy))
