@@ -9,10 +9,10 @@ import torch
 
 from tests.conftest import make_tiny
 from ttaserve import Engine
-from ttaserve.bench.corruptions import corrupt
-from ttaserve.data import load_split
 from ttaserve.adapters import PolicyError, PreparedModel, TensorState, create_adapter
 from ttaserve.adapters.graded_bn import batch_trust, label_diversity, layer_priors, mixed, push
+from ttaserve.bench.corruptions import corrupt
+from ttaserve.data import load_split
 
 
 def _stream(seed: int = 2, batches: int = 6, size: int = 8) -> list[torch.Tensor]:
