@@ -119,7 +119,12 @@ def test_graded_bn_is_timed_with_the_servers_safety_net() -> None:
 
     assert "graded-bn" in POLICIES
     subject = Subject.of(bench_model(100), "graded-bn")
-    assert subject.engine.safety == safety_config(ServerSettings()) and subject.engine.safety.enabled
+    served, timed = safety_config(ServerSettings()), subject.engine.safety
+    # the checks run as served (same share of samples through source), but no verdict can
+    # switch the timed session to source
+    assert timed.enabled and timed.check_fraction == served.check_fraction
+    assert timed.warmup_fraction == served.warmup_fraction and timed.min_check == served.min_check
+    assert timed.entropy_margin >= 1.0 and timed.collapse_ratio == 0.0
     subject.call("engine")(torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
     session = subject.engine.sessions.get("bench")
     assert session is not None and session.safety is not None
