@@ -125,3 +125,20 @@ def test_the_safety_net_runs_per_session_in_a_shared_pass(demo_module: torch.nn.
         a, b = alone.sessions.get(f"s{i}"), together.sessions.get(f"s{i}")
         assert a.fallbacks == b.fallbacks and sum(a.fallbacks.values()) > 0
     assert {e.policy for e in expected} == {"source"}
+
+
+def test_a_broken_session_in_a_shared_pass_is_reset_alone(demo_module: torch.nn.Module) -> None:
+    """A session whose state turned non-finite is reset and answered from a fresh state;
+    the session batched with it is untouched."""
+    x, y = _batches([8, 8])
+    engine = Engine(demo_module, "graded-bn")
+    engine.predict_many([Request(x, "broken"), Request(y, "fine")])
+    broken = engine.sessions.get("broken")
+    broken.state["mean.0"] = torch.full_like(broken.state["mean.0"], float("nan"))
+    got = engine.predict_many([Request(x, "broken"), Request(y, "fine")])
+    assert broken.resets["non_finite"] == 1 and bool(torch.isfinite(_logits(got[0])).all())
+    torch.testing.assert_close(_logits(got[0]), Engine(demo_module, "graded-bn").predict(x, session="b"),
+                               rtol=0, atol=1e-5)
+    alone = Engine(demo_module, "graded-bn")
+    alone.predict(y, session="fine")
+    torch.testing.assert_close(_logits(got[1]), alone.predict(y, session="fine"), rtol=0, atol=1e-5)

@@ -285,12 +285,19 @@ class Engine:
             for p in planned:
                 results[p.index] = exc
             return
-        outs = [logits[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        settled = [self._settle(p, out, segment_moments(moments, k)) for k, (p, out) in enumerate(zip(planned, outs))]
-        checks = [self._due_checks(p, out) for p, out in zip(planned, settled)]
+        settled: list[torch.Tensor | Exception] = []
+        for k, (p, (a, b)) in enumerate(zip(planned, zip(offsets[:-1], offsets[1:]))):
+            try:
+                settled.append(self._settle(p, logits[a:b], segment_moments(moments, k)))
+            except Exception as exc:  # e.g. a session whose state broke: that request only
+                settled.append(exc)
+        checks = [0 if isinstance(out, Exception) else self._due_checks(p, out) for p, out in zip(planned, settled)]
         wanted = [p.request.x[:n] for p, n in zip(planned, checks) if n]
         source = iter(torch.split(self.source_logits(torch.cat(wanted)), [w.shape[0] for w in wanted])) if wanted else iter(())
         for k, (p, out, n) in enumerate(zip(planned, settled, checks)):
+            if isinstance(out, Exception):
+                results[p.index] = out
+                continue
             fallback = self._verdict(p.session, out[:n], next(source)) if n else None
             results[p.index] = self._book(p, out, moments, k, fallback)
 
