@@ -90,8 +90,12 @@ def test_signed_but_malformed_snapshots_are_invalid_argument(secured: Handle, ge
 
 def test_signed_snapshots_with_wrong_tensors_are_invalid_argument(secured: Handle, genuine: bytes) -> None:
     meta, tensors = snapshot.decode(unseal(KEY, *_SNAPSHOT, genuine, "snapshot"))
-    name = next(iter(tensors))
-    for bad in ({**tensors, name: tensors[name].double()}, {**tensors, "state.extra": torch.zeros(3)},
+    # every kind of section (policy state, guard, safety net), each with a dtype no section
+    # uses: the file's tensor order is not fixed, so the test names the tensors it breaks
+    for name in (sorted(k for k in tensors if k.startswith(prefix))[0] for prefix in ("state.", "guard.", "safety.")):
+        assert _restore_code(secured, _signed(meta, {**tensors, name: tensors[name].half()})) == grpc.StatusCode.INVALID_ARGUMENT
+    name = sorted(tensors)[0]
+    for bad in ({**tensors, "state.extra": torch.zeros(3)},
                 {k: v for k, v in tensors.items() if k != name}, {**tensors, name: torch.zeros(3, 2, 1)}):
         assert _restore_code(secured, _signed(meta, bad)) == grpc.StatusCode.INVALID_ARGUMENT
     assert _restore_code(secured, _signed("not an object", tensors)) == grpc.StatusCode.INVALID_ARGUMENT
