@@ -106,18 +106,17 @@ class SessionStore:
         return session, True
 
     def end(self, sequence_id: SequenceId) -> Session | None:
-        with self._lock:
-            session = self._sessions.pop(sequence_id, None)
-        if session is not None:
-            self._notify([(session, "end")])
-        return session
+        return self._drop(sequence_id, "end")
 
     def evict(self, sequence_id: SequenceId) -> Session | None:
         """Remove a session to free memory; ``on_drop`` hears "evicted", as for the count cap."""
+        return self._drop(sequence_id, "evicted")
+
+    def _drop(self, sequence_id: SequenceId, reason: str) -> Session | None:
         with self._lock:
             session = self._sessions.pop(sequence_id, None)
         if session is not None:
-            self._notify([(session, "evicted")])
+            self._notify([(session, reason)])
         return session
 
     def expire_idle(self, now: float | None = None) -> int:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttaserve.kernels.norm import batch_moments
+from ttaserve.kernels.norm import batch_moments, pooled_moments
 
 NormHook = Callable[["AdaptiveBatchNorm2d", torch.Tensor], torch.Tensor]
 
@@ -161,11 +161,7 @@ def record_instance_moments(layer: AdaptiveBatchNorm2d, inst_mean: torch.Tensor,
     if sink is None:
         return
     offsets = _SEGMENTS.get() or [0, inst_mean.shape[0]]
-    means, variances = [], []
-    for a, b in zip(offsets[:-1], offsets[1:]):
-        mean = inst_mean[a:b].mean(dim=0)
-        variances.append(inst_var[a:b].mean(dim=0) + (inst_mean[a:b] - mean).square().mean(dim=0))
-        means.append(mean)
+    means, variances = zip(*(pooled_moments(inst_mean[a:b], inst_var[a:b]) for a, b in zip(offsets[:-1], offsets[1:])))
     if _SEGMENTS.get() is None:
         sink.append((layer, means[0], variances[0]))
     else:

@@ -31,6 +31,7 @@ from ttaserve.adapters.graded_bn import GradedNorm
 from ttaserve.adapters.model import AdaptiveBatchNorm2d, Unsupported
 from ttaserve.adapters.unmix_tns import UnMixNorm
 from ttaserve.handlers.onnx_rewrite import PREFIX, Emitter, LayerNodes, mean_name, var_name
+from ttaserve.kernels.norm import pooled_moments
 
 # Registered policy names that run on ONNX Runtime (aliases such as tbn resolve to these).
 POLICIES = ("source", "alpha-bn", "unmix-tns", "adanpc", "graded-bn")
@@ -188,10 +189,8 @@ class GradedRule:
     def collect(self, hook: GradedNorm, layers: Sequence[AdaptiveBatchNorm2d],
                 outputs: Mapping[str, np.ndarray]) -> None:
         for layer in layers:
-            inst_mean = torch.from_numpy(outputs[mean_name(layer.index)])
-            inst_var = torch.from_numpy(outputs[var_name(layer.index)])
-            batch_mean = inst_mean.mean(0)
-            hook.record(layer, batch_mean, (inst_var + (inst_mean - batch_mean).square()).mean(0))
+            hook.record(layer, *pooled_moments(torch.from_numpy(outputs[mean_name(layer.index)]),
+                                               torch.from_numpy(outputs[var_name(layer.index)])))
 
 
 def _array(t: torch.Tensor) -> np.ndarray:

@@ -37,6 +37,13 @@ def instance_moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.flatten(1), var
 
 
+def pooled_moments(inst_mean: torch.Tensor, inst_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch moments [C] from per-sample moments [B, C] (law of total variance: the mean of
+    the instance variances plus the variance of the instance means)."""
+    mean = inst_mean.mean(dim=0)
+    return mean, inst_var.mean(dim=0) + (inst_mean - mean).square().mean(dim=0)
+
+
 def segment_moments(
     z: torch.Tensor, offsets: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
