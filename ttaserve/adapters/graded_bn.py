@@ -48,7 +48,9 @@ Defaults were chosen on the validation split (training images, docs/BENCHMARKS.m
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -95,6 +97,12 @@ def layer_priors(params: GradedBNParams, layers: int) -> list[float]:
                 for i in range(layers)]
     ratio = params.prior_last / params.prior_first
     return [params.prior_first * ratio ** (i / (layers - 1)) for i in range(layers)]
+
+
+@functools.lru_cache(maxsize=64)
+def _priors(params: GradedBNParams, layers: int) -> tuple[float, ...]:
+    """:func:`layer_priors`, computed once per policy and depth rather than per request."""
+    return tuple(layer_priors(params, layers))
 
 
 def label_diversity(window: torch.Tensor, num_classes: int) -> float:
@@ -160,7 +168,7 @@ class GradedNorm:
     closure, so that a backend running its own graph (ONNX Runtime) can read the mixing
     weights and the running estimate and :meth:`record` the moments its graph computed."""
 
-    def __init__(self, params: GradedBNParams, state: TensorState, priors: list[float],
+    def __init__(self, params: GradedBNParams, state: TensorState, priors: Sequence[float],
                  num_classes: int, trust: float) -> None:
         self.params, self.state, self.priors, self.num_classes = params, state, priors, num_classes
         self.trust = trust  # from the predictions before this batch
@@ -233,7 +241,7 @@ class GradedBN:
         return state
 
     def normalization(self, model: PreparedModel, state: TensorState, x: torch.Tensor) -> Normalization:
-        priors = layer_priors(self.params, len(model.bn_layers))
+        priors = _priors(self.params, len(model.bn_layers))
         classes = max(model.num_classes, 1)
         fresh = self.params.probe_first and int(state["seen"]) == 0
         trust = probed_trust(self.params, model, x, classes) if fresh else batch_trust(self.params, state, classes)
