@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 
 from ttaserve.errors import InvalidInput, PermissionDenied, Unauthenticated
+from ttaserve.server.errors import status_of
 
 ANONYMOUS = "anonymous"
 PRINCIPAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -103,10 +104,6 @@ class Tokens:
     def principal_of(self, token: bytes) -> Principal | None:
         return self._table.get(_digest(token))
 
-    def scope_of(self, token: bytes) -> str | None:
-        principal = self.principal_of(token)
-        return None if principal is None else "admin" if principal.admin else "inference"
-
     def caller(self, header: str | None) -> Principal:
         """The principal of an ``authorization`` header value; raises Unauthenticated."""
         if not self.enabled:
@@ -167,9 +164,9 @@ def check(tokens: Tokens, method: str, metadata: Iterable[tuple[str, Any]] | Non
     try:
         principal = tokens.caller(header_of(metadata))
     except Unauthenticated as exc:
-        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+        return status_of(exc)
     if needed == "admin" and not principal.admin:
-        return grpc.StatusCode.PERMISSION_DENIED, f"{method} needs an admin token"
+        return status_of(PermissionDenied(f"{method} needs an admin token"))
     return None
 
 

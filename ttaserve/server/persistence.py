@@ -35,7 +35,6 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -223,9 +222,6 @@ class StateStore:
             for key in old:
                 self._drop_file(key, "expired")
         return len(old)
-
-    def files(self) -> Iterator[Path]:
-        return self.directory.glob(f"*{SUFFIX}")
 
     # -- internals (call with self._lock held where they touch the maps) ---------------
     def _write(self, session: Session, key: SessionKey, reason: str) -> int:

@@ -18,12 +18,11 @@ readable by other users is used but logged as a warning.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import stat
 from pathlib import Path
 
-from ttaserve.server.safe_files import read_regular
+from ttaserve.server.safe_files import create_exclusive, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +52,9 @@ def load_secret(secret_file: str | None, state_dir: str | None, secret_hex: str 
 
 def _create(path: Path) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        create_exclusive(path, secrets.token_hex(MIN_SECRET_BYTES).encode() + b"\n")
     except FileExistsError:
         return
-    try:
-        os.write(fd, secrets.token_hex(MIN_SECRET_BYTES).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
     log.info("created the server secret %s", path)
 
 
