@@ -142,3 +142,16 @@ def test_a_broken_session_in_a_shared_pass_is_reset_alone(demo_module: torch.nn.
     alone = Engine(demo_module, "graded-bn")
     alone.predict(y, session="fine")
     torch.testing.assert_close(_logits(got[1]), alone.predict(y, session="fine"), rtol=0, atol=1e-5)
+
+
+def test_a_request_the_shared_pass_cannot_take_fails_alone(demo_module: torch.nn.Module) -> None:
+    """Inputs that cannot be batched together (here a wrong channel count) make the round
+    run request by request: only the bad one fails, and a failing request that asked to
+    end its sequence ends it."""
+    good = _batches([4])[0]
+    bad = torch.rand(4, 3, 28, 28)
+    engine = Engine(demo_module, "graded-bn")
+    results = engine.predict_many([Request(good, "a"), Request(bad, "b", end=True)])
+    assert isinstance(results[1], Exception) and engine.sessions.get("b") is None
+    torch.testing.assert_close(_logits(results[0]), Engine(demo_module, "graded-bn").predict(good, session="a"),
+                               rtol=0, atol=1e-5)

@@ -8,7 +8,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -98,7 +98,6 @@ class Engine:
         self.track_drift = track_drift
         self.fingerprint = model_fingerprint(self.model)
         self._adapters: dict[PolicyChoice, Adapter] = {}
-        self._stateless: dict[PolicyChoice, bool] = {}
         self.default = self._validated(PolicyChoice.of(policy, params))
         self.sessions = SessionStore(limits, on_drop)
 
@@ -111,13 +110,6 @@ class Engine:
             adapter = create_adapter(choice.name, **dict(choice.params))
             self._adapters[choice] = self.model.bind(adapter)
         return self._adapters[choice]
-
-    def stateless(self, choice: PolicyChoice) -> bool:
-        """Whether the policy keeps no per-session state (decided once per policy choice:
-        building an initial state can cost real work, e.g. UnMix-TNS's random components)."""
-        if choice not in self._stateless:
-            self._stateless[choice] = not len(self.adapter(choice).init_state(self.model))
-        return self._stateless[choice]
 
     def _validated(self, choice: PolicyChoice) -> PolicyChoice:
         self.adapter(choice)
@@ -184,10 +176,14 @@ class Engine:
             self.report(choice.name, logits, moments, adapter.signals(state), None, ())
             return Prediction(logits, choice.name)
         live = self.open_session(request.session, choice, request.policy is not None, request.start)
+        return self._run_open(live, request)
+
+    def _run_open(self, live: Session, request: Request) -> Prediction:
+        """A request of an opened session; ends the session afterwards if it asks to."""
         try:
-            return self._run(live, x, request.adapt)
+            return self._run(live, request.x, request.adapt)
         finally:
-            if request.end:
+            if request.end and request.session is not None:
                 self.sessions.end(request.session)
 
     def predict_many(self, requests: Sequence[Request]) -> list[Result]:
@@ -239,30 +235,39 @@ class Engine:
         live = self.open_session(request.session, choice, request.policy is not None, request.start)
         if isinstance(live.adapter, NormalizationPolicy):
             return Planned(index, request, live.policy, live, live.adapter)
-        try:
-            return self._run(live, request.x, request.adapt)
-        finally:
-            if request.end:
-                self.sessions.end(request.session)
+        return self._run_open(live, request)
 
     def _run_shared(self, planned: list[Planned], results: list[Result | None]) -> None:
-        """One forward pass for the round's shareable requests; a round left with one
-        request, or whose normalizers this model cannot combine, runs them alone."""
+        """One forward pass for the round's shareable requests. A request whose normalizer
+        cannot be built fails alone; a round left with one request, whose normalizers this
+        model cannot combine, or whose pass raised (nothing is committed before the pass
+        ends) runs its requests one by one."""
         if len(planned) > 1:
             with contextlib.ExitStack() as locks:
                 for p in sorted((p for p in planned if p.session is not None), key=lambda p: repr(p.sequence_id)):
                     locks.enter_context(p.session.lock)  # type: ignore[union-attr]
+                planned, hooks = self._normalized(planned, results)
                 offsets = offsets_of(planned)
-                runs, hook = shared_hook([self._normalization(p) for p in planned], offsets, self.model.runs_hooks)
-                if runs:
-                    self._forward_shared(planned, hook, offsets, results)
+                runs, hook = shared_hook(hooks, offsets, self.model.runs_hooks) if planned else (True, None)
+                if runs and (not planned or self._forward_shared(planned, hook, offsets, results)):
                     return
         for p in planned:
             try:
-                results[p.index] = self.run(replace(p.request, policy=None, start=False)) if p.session is not None \
-                    else self.run(p.request)
+                results[p.index] = self._run_open(p.session, p.request) if p.session is not None else self.run(p.request)
             except Exception as exc:  # reported to that request only
                 results[p.index] = exc
+
+    def _normalized(self, planned: list[Planned], results: list[Result | None]) -> tuple[list[Planned], list[Any]]:
+        """The requests whose normalizer could be built, and their hooks; the others fail alone."""
+        kept, hooks = [], []
+        for p in planned:
+            try:
+                hooks.append(self._normalization(p))
+                kept.append(p)
+            except Exception as exc:  # reported to that request only
+                results[p.index] = exc
+                self._end_if_asked(p)
+        return kept, hooks
 
     def _normalization(self, p: Planned) -> Any:
         """A planned request's normalizer (under its session's lock); None: source statistics."""
@@ -276,15 +281,14 @@ class Engine:
         return p.norm.hook if p.norm is not None else None
 
     def _forward_shared(self, planned: list[Planned], hook: Any, offsets: list[int],
-                        results: list[Result | None]) -> None:
+                        results: list[Result | None]) -> bool:
+        """The shared pass and each request's settling; False if the pass itself raised."""
         gate = self.outliers.enabled and any(p.request.adapt for p in planned)
         try:
             with torch.no_grad(), normalizer(hook), self.observed(offsets, gate=gate) as moments:
                 logits = self.model(torch.cat([p.request.x for p in planned]))
-        except Exception as exc:
-            for p in planned:
-                results[p.index] = exc
-            return
+        except Exception:  # e.g. one request's input the model cannot take: each runs alone
+            return False
         settled: list[torch.Tensor | Exception] = []
         for k, (p, (a, b)) in enumerate(zip(planned, zip(offsets[:-1], offsets[1:]))):
             try:
@@ -295,11 +299,15 @@ class Engine:
         wanted = [p.request.x[:n] for p, n in zip(planned, checks) if n]
         source = iter(torch.split(self.source_logits(torch.cat(wanted)), [w.shape[0] for w in wanted])) if wanted else iter(())
         for k, (p, out, n) in enumerate(zip(planned, settled, checks)):
-            if isinstance(out, Exception):
-                results[p.index] = out
-                continue
-            fallback = self._verdict(p.session, out[:n], next(source)) if n else None
-            results[p.index] = self._book(p, out, moments, k, fallback)
+            try:
+                if isinstance(out, Exception):
+                    results[p.index] = out
+                    continue
+                fallback = self._verdict(p.session, out[:n], next(source)) if n else None
+                results[p.index] = self._book(p, out, moments, k, fallback)
+            finally:
+                self._end_if_asked(p)
+        return True
 
     def _settle(self, p: Planned, logits: torch.Tensor, moments: list[Any]) -> torch.Tensor:
         """A shared pass's segment, as :meth:`_run` treats a lone batch up to the safety
@@ -339,17 +347,11 @@ class Engine:
             self.report(p.policy, logits, moments, p.adapter.signals(p.state), None, (), segment=segment)
             return Prediction(logits, p.policy)
         if p.norm is None:
-            assert session.safety is not None
-            session.safety.served_from_source(logits.shape[0])
-            self._count(session, logits)
-            self.report("source", logits, moments, session.safety.signals(), session, (), segment=segment)
-            self._end_if_asked(p)
-            return Prediction(logits, "source")
+            return self._answered_from_source(session, logits, moments, segment)
         self._count(session, logits)
         caused = tuple((session.resets - p.resets_before).elements())
         self.report(session.policy, logits, moments, self._signals(session), session, caused,
                     segment=segment, skipped=p.skipped, fallback=fallback)
-        self._end_if_asked(p)
         return Prediction(logits, session.policy)
 
     def _end_if_asked(self, p: Planned) -> None:
@@ -414,12 +416,17 @@ class Engine:
 
     def _run_fallback(self, session: Session, x: torch.Tensor) -> Prediction:
         """A batch of a session in its safety-net cooldown: the source model answers."""
-        assert session.safety is not None
         with self.observed() as moments:  # drift signals still see the data
             logits = self.source_logits(x)
-        session.safety.served_from_source(x.shape[0])
+        return self._answered_from_source(session, logits, moments)
+
+    def _answered_from_source(self, session: Session, logits: torch.Tensor, moments: list[Any],
+                              segment: int | None = None) -> Prediction:
+        """Book a batch the source model answered during the session's cooldown."""
+        assert session.safety is not None
+        session.safety.served_from_source(logits.shape[0])
         self._count(session, logits)
-        self.report("source", logits, moments, session.safety.signals(), session, ())
+        self.report("source", logits, moments, session.safety.signals(), session, (), segment=segment)
         return Prediction(logits, "source")
 
     def source_logits(self, x: torch.Tensor) -> torch.Tensor:

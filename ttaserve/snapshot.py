@@ -70,7 +70,7 @@ def check_meta(meta: Any) -> dict[str, Any]:
     for name in ("batches", "samples"):
         _count(meta.get(name), name)
     _mapping(meta.get("params", {}), "params", lambda v: isinstance(v, (bool, int, float, str)))
-    for name in ("resets", "skipped"):
+    for name in ("resets", "skipped", "fallbacks"):
         _mapping(meta.get(name, {}), name, _is_count)
     _mapping(meta.get("signals", {}), "signals", _finite)
     if not _finite(meta.get("created", 0.0)):

@@ -79,6 +79,7 @@ def test_mutated_snapshots_are_invalid_argument(secured: Handle, genuine: bytes,
     lambda m: m.update(created=float("inf")), lambda m: m.update(params=[1, 2]),
     lambda m: m.update(params={"K": [1]}), lambda m: m.update(params={"K": 10**7}),
     lambda m: m.update(params={"nope": 1}), lambda m: m.update(model="other-model"),
+    lambda m: m.update(fallbacks=5), lambda m: m.update(fallbacks={"entropy": "abc"}),
     lambda m: m.clear(),
 ])
 def test_signed_but_malformed_snapshots_are_invalid_argument(secured: Handle, genuine: bytes, change: Any) -> None:
