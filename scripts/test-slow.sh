@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The slow suites (pytest -m slow). First installs what they drive: from Debian, headless
-# Chromium (dashboard test), Prometheus (scrape + PromQL test) and redis-server (Ray Serve
-# failover test), and the ray extra (Ray Serve); TorchServe and its model archiver in the
-# peers virtualenv (.venv-peers, scripts/peers-venv.sh; TorchServe also needs Java 17) when
-# the TorchServe bridge test is selected. Extra args go to pytest, e.g.
+# Chromium (dashboard test) and Prometheus (scrape + PromQL test); the ray extra (Ray
+# Serve; scripts/test.sh, which runs the tests, installs redis-server for its failover
+# test); TorchServe and its model archiver in the peers virtualenv (.venv-peers,
+# scripts/peers-venv.sh; TorchServe also needs Java 17) when the TorchServe bridge test is
+# selected. Extra args go to pytest, e.g.
 # `scripts/test-slow.sh tests/e2e` for the monitoring tests only, `tests/deploy` for Ray Serve,
 # `tests/handlers` for TorchServe.
 set -euo pipefail
@@ -17,7 +18,6 @@ apt_install() {  # apt-get install, once per run, quietly
 command -v chromium >/dev/null || apt_install chromium chromium-driver
 # Without the recommended node exporter; the tests start their own Prometheus on a free port.
 command -v prometheus >/dev/null || apt_install --no-install-recommends prometheus
-command -v redis-server >/dev/null || apt_install redis-server
 # The TorchServe test (tests/handlers) runs when no test path is given or one under tests/handlers is.
 torchserve=1
 for arg in "$@"; do

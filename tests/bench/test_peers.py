@@ -202,7 +202,7 @@ def test_the_environment_check_sees_every_process_of_a_server(tmp_path: Path) ->
                             start_new_session=True, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
-        check = check_environments(proc.pid, peer_servers.equal_terms(setup))
+        check = check_environments(proc.pid, peer_servers.equal_terms(setup.threads, setup.allocator))
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -67,17 +67,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def equal_terms(setup: Setup) -> dict[str, str]:
+def equal_terms(threads: int, allocator: str) -> dict[str, str]:
     """The variables every server process gets alike (its workers inherit them): thread
     pools and, under ``tuned``, the malloc thresholds; under ``default`` nobody gets those."""
-    threads = {"OMP_NUM_THREADS": str(setup.threads), "MKL_NUM_THREADS": str(setup.threads)}
-    return {**threads, **(TUNED_MALLOC if setup.allocator == "tuned" else {})}
+    pools = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return {**pools, **(TUNED_MALLOC if allocator == "tuned" else {})}
 
 
 def server_env(setup: Setup) -> dict[str, str]:
     """This process's environment without any malloc setting of its own, plus ``equal_terms``."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    return {**inherited, "PYTHONUNBUFFERED": "1", **equal_terms(setup)}
+    return {**inherited, "PYTHONUNBUFFERED": "1", **equal_terms(setup.threads, setup.allocator)}
 
 
 def _peer_env(setup: Setup) -> dict[str, str]:

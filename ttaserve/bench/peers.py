@@ -179,7 +179,7 @@ def _bench_server(name: str, setup: Setup, plan: dict[str, Any], progress: Any) 
         launch = launcher(replace(setup, workdir=workdir))
         with serving(launch, workdir / "server.log", plan["startup_timeout_s"], plan["images"]) as (call, sid):
             diff = float(np.abs(call(plan["images"]) - plan["reference"]).max())
-            env_check = check_environments(sid, equal_terms(setup))
+            env_check = check_environments(sid, equal_terms(setup.threads, setup.allocator))
             for concurrency in plan["concurrencies"]:
                 progress.set_postfix_str(f"{name} c={concurrency}")
                 runs.append(measure(launch.client, plan["images"], concurrency,
@@ -290,7 +290,7 @@ def run_peers(out_dir: str | Path, quick: bool = False, concurrencies: Sequence[
         "batch": BATCH,
         "threads": threads,
         "allocator": allocator,
-        "server_env": equal_terms(Setup(venv, threads, out, allocator)),
+        "server_env": equal_terms(threads, allocator),
         "concurrencies": plan["concurrencies"],
         "duration_s": plan["duration_s"],
         "warmup_s": plan["warmup_s"],

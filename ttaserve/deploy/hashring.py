@@ -37,9 +37,6 @@ class HashRing:
         self._hashes = [h for h, _ in points]
         self._owners = [node for _, node in points]
 
-    def __len__(self) -> int:
-        return len(self.nodes)
-
     def node_for(self, key: str) -> str:
         """The node that owns ``key``; raises LookupError on an empty ring."""
         if not self._hashes:
