@@ -64,14 +64,14 @@ def served(log_dir: Path, threads: int, configs: dict[str, int],
                 proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
             procs[name] = (proc, f"127.0.0.1:{port}", log)
         for proc, url, log in procs.values():
-            _wait_ready(proc, url, log, timeout_s)
+            wait_ready(proc, url, log, timeout_s)
         yield {name: url for name, (_, url, _) in procs.items()}
     finally:
         for proc, _, _ in procs.values():
-            _stop(proc)
+            stop(proc)
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float) -> None:
+def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float) -> None:
     client, deadline = _client(url), time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -83,7 +83,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: f
     raise RuntimeError(f"ttaserve at {url} not ready after {timeout_s:.0f} s (log: {log})")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -34,23 +34,25 @@ from typing import Any
 import numpy as np
 
 from ttaserve.bench.peer_servers import free_port
+from ttaserve.bench.perf_grpc import stop, wait_ready
 
 
 @contextmanager
 def serve(args: list[str]) -> Iterator[str]:
-    """`ttaserve serve` on free ports; yields its gRPC address."""
+    """`ttaserve serve` on free ports, its output in a log file (a pipe nobody reads would
+    stall it); yields its gRPC address."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ttaserve", "serve", "--grpc-port", str(port),
-                             "--metrics-port", "-1", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        while "ttaserve ready" not in (proc.stdout.readline() if proc.stdout else ""):
-            if proc.poll() is not None:
-                raise RuntimeError("ttaserve serve did not start")
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+    url = f"127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "ttaserve", "serve", "--grpc-port", str(port),
+                                     "--metrics-port", "-1", *args], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(proc, url, log, 180)
+            yield url
+        finally:
+            stop(proc)
 
 
 @contextmanager
