@@ -173,11 +173,13 @@ def test_a_relative_out_reaches_every_launcher_as_absolute_paths(tmp_path: Path,
 def test_every_server_gets_the_same_threads_and_allocator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           allocator: str) -> None:
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # a setting of this shell reaches no server
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
     seen = _record_launches(monkeypatch)
     run_peers(tmp_path, quick=True, concurrencies=(1,), duration_s=0.1, threads=2, allocator=allocator)
     terms = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", **(TUNED_MALLOC if allocator == "tuned" else {})}
     for name, (_, launch) in seen.items():
         assert {k: v for k, v in launch.env.items() if k.startswith(("MALLOC_", "OMP_", "MKL_"))} == terms, name
+        assert "GLIBC_TUNABLES" not in launch.env, name
     ttaserve = seen["ttaserve"][1].command
     assert ttaserve[ttaserve.index("--torch-threads") + 1] == "2"
     assert ("--no-keep-freed-memory" in ttaserve) == (allocator == "default")

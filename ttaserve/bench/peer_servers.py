@@ -75,8 +75,10 @@ def equal_terms(threads: int, allocator: str) -> dict[str, str]:
 
 
 def server_env(setup: Setup) -> dict[str, str]:
-    """This process's environment without any malloc setting of its own, plus ``equal_terms``."""
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    """This process's environment without any allocator setting of its own (``MALLOC_*``,
+    glibc tunables, a preloaded allocator), plus ``equal_terms``."""
+    inherited = {k: v for k, v in os.environ.items()
+                 if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
     return {**inherited, "PYTHONUNBUFFERED": "1", **equal_terms(setup.threads, setup.allocator)}
 
 

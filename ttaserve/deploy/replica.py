@@ -24,9 +24,9 @@ from ttaserve.deploy.metrics import ANNOUNCE_EVERY_S, REGISTRY
 from ttaserve.deploy.shared import SharedSessions
 from ttaserve.deploy.stores import SnapshotStore, open_store
 from ttaserve.proto import grpc_service_pb2 as pb
-from ttaserve.server.app import INFERENCE_SERVICE, Server, start
-from ttaserve.server.auth import Tokens, header_of
+from ttaserve.server.app import INFERENCE_SERVICE, Server, start, start_flushing
 from ttaserve.server.auth import check as auth_check
+from ttaserve.server.auth import header_of
 from ttaserve.server.keys import SessionKey
 from ttaserve.server.settings import ServerSettings
 
@@ -63,14 +63,15 @@ class TtaserveReplica:
         self.settings = ServerSettings(**settings)
         self.server: Server = await start(self.settings)
         # Proxied calls never pass the replica's own gRPC interceptors: check tokens here.
-        self.tokens = Tokens.load(self.settings.auth_token_file)
+        self.tokens = self.server.inference.tokens
         self.store: SnapshotStore = open_store(store_url)
         for model in self.server.repository:
             shared = SharedSessions(self.store, model.name, model.engine, self.server.metrics, interval_s,
                                     secret=self.server.secret)
             model.state_store = shared
+        if interval_s > 0:  # the server's own periodic writer; Server.stop cancels it
+            self.server.state_flush = start_flushing(self.server.repository, interval_s)
         loop = asyncio.get_running_loop()
-        self._flusher = loop.create_task(self._flush_forever(interval_s)) if interval_s > 0 else None
         self._announce()
         self._heartbeat = loop.create_task(self._announce_forever())
         log.info("replica %s ready (gRPC 127.0.0.1:%d)", self.replica_id, self.server.grpc_port)
@@ -97,16 +98,6 @@ class TtaserveReplica:
                 await asyncio.to_thread(self._announce)
             except Exception as exc:  # the store is down: metrics discovery waits for it
                 log.warning("cannot refresh the replica announcement: %s", exc)
-
-    async def _flush_forever(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            for model in self.server.repository:
-                try:
-                    if model.state_store is not None:
-                        await asyncio.to_thread(model.state_store.flush, "periodic")
-                except Exception:  # logged; the next round retries
-                    log.exception("periodic snapshot of %s failed", model.name)
 
     # -- inference ----------------------------------------------------------------------
     def _refusal(self, method: str, grpc_context: Any) -> tuple[grpc.StatusCode, str] | None:
@@ -243,8 +234,6 @@ class TtaserveReplica:
     async def __del__(self) -> None:
         """Ray Serve calls this on graceful shutdown: drain, write every session, deregister."""
         self._heartbeat.cancel()
-        if self._flusher is not None:
-            self._flusher.cancel()
         await self.server.stop()  # writes every changed session ("shutdown")
         self.store.delete(f"{REGISTRY}/{self.replica_id}")
         self.store.close()

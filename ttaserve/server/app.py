@@ -166,7 +166,7 @@ async def start(settings: ServerSettings) -> Server:
              metrics_http.url if metrics_http else "off")
     return Server(settings, server, inference, health_servicer, repository, metrics,
                   metrics_http, port, control, housekeeping,
-                  _start_flushing(repository, settings.state_interval_s) if settings.state_dir else None,
+                  start_flushing(repository, settings.state_interval_s) if settings.state_dir else None,
                   secret=secret)
 
 
@@ -235,7 +235,8 @@ def _flush_states(repository: Repository, reason: str) -> None:
             model.state_store.flush(reason)
 
 
-def _start_flushing(repository: Repository, interval_s: float) -> asyncio.Task[None]:
+def start_flushing(repository: Repository, interval_s: float) -> asyncio.Task[None]:
+    """Write every model's changed sessions every ``interval_s`` (``Server.stop`` cancels it)."""
     async def flush_forever() -> None:
         while True:
             await asyncio.sleep(interval_s)
