@@ -12,7 +12,10 @@ Per session they are exponential moving averages; policies add their own (``Adap
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,6 +27,55 @@ def symmetric_kl(mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor
     va, vb = var_a + _EPS, var_b + _EPS
     diff2 = (mean_a - mean_b) ** 2
     return 0.5 * (va / vb + vb / va + diff2 * (1 / va + 1 / vb)) - 1.0
+
+
+class _Layout:
+    """How one pass's BatchNorm calls sit side by side in a flat channel vector: the source
+    statistics concatenated, and the [T, L] matrix that averages each call's channels."""
+
+    def __init__(self, layers: Sequence[Any]) -> None:
+        self.names = [layer.layer_name for layer in layers]
+        self.mean = torch.cat([layer.running_mean.detach().float() for layer in layers])
+        self.var = torch.cat([layer.running_var.detach().float() for layer in layers])
+        sizes = [layer.running_mean.numel() for layer in layers]
+        self.average = torch.zeros(sum(sizes), len(layers))
+        start = 0
+        for column, size in enumerate(sizes):
+            self.average[start : start + size, column] = 1.0 / size
+            start += size
+
+
+_LAYOUTS: OrderedDict[tuple[Any, ...], _Layout] = OrderedDict()
+
+
+def _layout(layers: tuple[Any, ...]) -> _Layout:
+    layout = _LAYOUTS.get(layers)
+    if layout is None:
+        layout = _LAYOUTS[layers] = _Layout(layers)
+        while len(_LAYOUTS) > 32:  # a few models' passes; frozen statistics, so never stale
+            _LAYOUTS.popitem(last=False)
+    return layout
+
+
+def divergence_rows(moments: Sequence[Any]) -> list[dict[str, float]]:
+    """Per BN layer: mean over channels of the symmetric KL between a batch's and the source
+    statistics (averaged when a layer ran more than once in the pass), for every batch of
+    ``moments`` — (layer, mean, var) triples of one pass, with [C] moments (one batch) or
+    [S, C] (one row per request segment of a shared pass). All layers and segments in a
+    few tensor operations and one conversion to Python."""
+    if not moments:
+        return [{}]
+    layout = _layout(tuple(layer for layer, _, _ in moments))
+    mean = torch.cat([m.float() for _, m, _ in moments], dim=-1)
+    var = torch.cat([v.float() for _, _, v in moments], dim=-1)
+    rows = (symmetric_kl(mean, var, layout.mean, layout.var) @ layout.average).reshape(-1, len(moments))
+    out = []
+    for values in rows.tolist():
+        sums: dict[str, list[float]] = {}
+        for name, value in zip(layout.names, values):
+            sums.setdefault(name, []).append(value)
+        out.append({name: sum(v) / len(v) for name, v in sums.items()})
+    return out
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

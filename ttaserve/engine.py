@@ -18,7 +18,7 @@ from ttaserve import snapshot
 from ttaserve.adapters import Adapter, PreparedModel, canonical, create_adapter, prepare
 from ttaserve.adapters.base import NormalizationPolicy
 from ttaserve.adapters.guard import CollapseGuard, GuardConfig, all_finite
-from ttaserve.adapters.model import normalizer, observe_moments
+from ttaserve.adapters.model import MomentLog, normalizer, observe_moments
 from ttaserve.adapters.safety import Reason, SafetyConfig, SafetyNet
 from ttaserve.batching import (
     Planned,
@@ -30,7 +30,7 @@ from ttaserve.batching import (
     segment_moments,
     shared_hook,
 )
-from ttaserve.drift import DriftTracker, symmetric_kl
+from ttaserve.drift import DriftTracker, divergence_rows
 from ttaserve.errors import InvalidInput, NotFound
 from ttaserve.outliers import OutlierConfig, outlier_reason
 from ttaserve.sessions import SequenceId, Session, SessionLimits, SessionStore
@@ -560,14 +560,15 @@ def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 def layer_divergence(moments: list[Any], segment: int | None = None) -> dict[str, float]:
     """Per BN layer: mean over channels of the symmetric KL between the batch's and the
     source statistics (averaged when a layer ran more than once in the pass). With
-    ``segment``, moments were recorded per segment ([S, C]) and row ``segment`` is used."""
-    sums: dict[str, list[float]] = {}
-    for layer, mean, var in moments:
-        if segment is not None:
-            mean, var = mean[segment], var[segment]
-        value = float(symmetric_kl(mean, var, layer.running_mean, layer.running_var).mean())
-        sums.setdefault(layer.layer_name, []).append(value)
-    return {name: sum(v) / len(v) for name, v in sums.items()}
+    ``segment``, moments were recorded per segment ([S, C]) and row ``segment`` is used;
+    the rows of all segments are computed together once per pass (:class:`MomentLog`)."""
+    if isinstance(moments, MomentLog):
+        if moments.divergence is None:
+            moments.divergence = divergence_rows(moments)
+        rows = moments.divergence
+    else:
+        rows = divergence_rows(moments)
+    return rows[segment or 0]
 
 
 def model_fingerprint(model: PreparedModel) -> str:

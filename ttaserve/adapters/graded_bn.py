@@ -146,9 +146,11 @@ def mixed(weight: float, mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torc
     """Moments of the mixture ``weight`` × a + (1 − weight) × b."""
     if weight == 0.0:
         return mean_b, var_b
+    # mean_b + w·δ and w·var_a + (1 − w)·var_b + w(1 − w)·δ², in four tensor operations
+    # (called twice per layer and request, so at batch size 1 the op count is the cost).
     delta = mean_a - mean_b
-    mean = mean_b + weight * delta
-    var = weight * var_a + (1.0 - weight) * var_b + weight * (1.0 - weight) * delta.square()
+    mean = torch.add(mean_b, delta, alpha=weight)
+    var = torch.lerp(var_b, var_a, weight).addcmul_(delta, delta, value=weight * (1.0 - weight))
     return mean, var
 
 

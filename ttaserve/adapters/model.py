@@ -177,13 +177,18 @@ def _moments(z: torch.Tensor, offsets: list[int] | None) -> tuple[torch.Tensor, 
     return torch.stack([m for m, _ in pairs]), torch.stack([v for _, v in pairs])
 
 
+class MomentLog(list[tuple[AdaptiveBatchNorm2d, torch.Tensor, torch.Tensor]]):
+    """The (layer, mean, var) triples of one forward pass, in call order, and the drift
+    divergences computed from them once (``ttaserve.engine.layer_divergence``)."""
+
+    divergence: list[dict[str, float]] | None = None
+
+
 @contextlib.contextmanager
-def observe_moments(
-    offsets: list[int] | None = None,
-) -> Iterator[list[tuple[AdaptiveBatchNorm2d, torch.Tensor, torch.Tensor]]]:
+def observe_moments(offsets: list[int] | None = None) -> Iterator[MomentLog]:
     """Collect (layer, batch mean, batch variance) of every BatchNorm2d input in this context;
     with ``offsets`` (a batch made of several requests) per segment, as [S, C]."""
-    sink: list[tuple[AdaptiveBatchNorm2d, torch.Tensor, torch.Tensor]] = []
+    sink = MomentLog()
     token = _MOMENTS.set(sink)
     seg_token = _SEGMENTS.set(offsets)
     try:
