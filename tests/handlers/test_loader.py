@@ -43,6 +43,24 @@ def test_factory_and_program_models_match_the_demo(tmp_path: Path) -> None:
         assert features.shape == (6, 64)
 
 
+def test_channels_last_is_the_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    base = {**SPEC, "factory": "ttaserve.models.resnet:DemoResNet", "weights": weights_path("expert")}
+    _write(tmp_path / "nhwc", base)
+    _write(tmp_path / "nchw", {**base, "channels_last": False})
+    loaded = {m.spec.name: m.model for m in load_repository(tmp_path)}
+    conv = "stages.0.conv1.weight"  # 16 -> 16 channels: the layouts differ
+    assert loaded["nhwc"].module.state_dict()[conv].is_contiguous(memory_format=torch.channels_last)
+    assert loaded["nchw"].module.state_dict()[conv].is_contiguous()
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        original = demo()(x)
+        assert torch.equal(loaded["nchw"](x), original)  # the original layout: bit for bit
+        torch.testing.assert_close(loaded["nhwc"](x), original, rtol=0, atol=1e-5)
+    _write(tmp_path / "bad" / "m", {**base, "channels_last": "yes"})
+    with pytest.raises(ModelConfigError, match="'channels_last' must be true or false"):
+        load_repository(tmp_path / "bad")
+
+
 def test_bad_configs_say_what_is_wrong(tmp_path: Path) -> None:
     _write(tmp_path / "a", {**SPEC})
     with pytest.raises(ModelConfigError, match="needs 'factory'"):

