@@ -184,6 +184,8 @@ def test_every_server_gets_the_same_threads_and_allocator(tmp_path: Path, monkey
     assert ttaserve[ttaserve.index("--torch-threads") + 1] == "2"
     assert ("--no-keep-freed-memory" in ttaserve) == (allocator == "default")
     assert seen["triton"][1].env["TTASERVE_PEER_THREADS"] == "2"
+    for name in ("triton", "mlserver", "torchserve"):  # the layout ttaserve runs the demo in
+        assert seen[name][1].env["TTASERVE_PEER_CHANNELS_LAST"] == "1", name
 
 
 def test_unknown_allocator_is_refused(tmp_path: Path) -> None:

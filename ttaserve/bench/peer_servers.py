@@ -90,6 +90,8 @@ def _peer_env(setup: Setup) -> dict[str, str]:
         "TTASERVE_PEER_RESNET": str(_MODELS / "resnet.py"),
         "TTASERVE_PEER_WEIGHTS": str(_MODELS / "weights" / "expert.safetensors"),
         "TTASERVE_PEER_THREADS": str(setup.threads),
+        # the memory layout ttaserve runs the demo in (ttaserve.adapters.model.prepare)
+        "TTASERVE_PEER_CHANNELS_LAST": "1",
     }
 
 

@@ -26,7 +26,9 @@ images and timing for every server; only the client object each thread calls dif
 Equal terms: every server process, and every worker process it starts (MLServer's
 inference pool, TorchServe's Java frontend and Python workers, Triton's server and Python
 backend stubs), starts with the same environment for threads (``OMP_NUM_THREADS``,
-``MKL_NUM_THREADS``, and the torch thread count) and for the allocator. ``--allocator
+``MKL_NUM_THREADS``, and the torch thread count) and for the allocator, and runs the model
+in the same memory layout (channels-last, how ttaserve runs a convolutional model; the peers
+get ``TTASERVE_PEER_CHANNELS_LAST=1``). ``--allocator
 tuned`` (the default) gives all of them ttaserve's own malloc setting
 (``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``, what
 ``ttaserve.server.memory`` sets in-process); ``--allocator default`` gives it to nobody and
@@ -153,9 +155,10 @@ def _direct_client() -> Callable[[], Caller]:
     """The plain torch forward in this process: the floor every server adds its overhead to."""
     import torch
 
+    from ttaserve.adapters.model import prepare
     from ttaserve.models import demo
 
-    model = demo()
+    model = prepare(demo())  # in the layout every server runs it in (channels-last)
 
     def call(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -290,6 +293,7 @@ def run_peers(out_dir: str | Path, quick: bool = False, concurrencies: Sequence[
         "batch": BATCH,
         "threads": threads,
         "allocator": allocator,
+        "layout": "channels-last (NHWC)",
         "server_env": equal_terms(threads, allocator),
         "concurrencies": plan["concurrencies"],
         "duration_s": plan["duration_s"],
@@ -399,6 +403,7 @@ def _terms_lines(result: dict[str, Any]) -> list[str]:
     """What every server got alike, what the run is worth, and any process that differed."""
     env = " ".join(f"{k}={v}" for k, v in result.get("server_env", {}).items())
     lines = [f"every server: allocator {result.get('allocator', '?')}, torch threads {result['threads']}, "
+             f"model layout {result.get('layout', 'contiguous (NCHW)')}, "
              f"env {env or '?'}; {result['duration_s']:g} s per point, median of {result['rounds']} round(s)"]
     if not result.get("publishable", False):
         because = "; ".join(result.get("not_publishable_because", [])) or "no record"

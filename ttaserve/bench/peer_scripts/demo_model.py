@@ -3,7 +3,8 @@
 Runs inside the peers' virtualenv, which holds only torch, numpy and safetensors besides
 the servers, so the architecture file and the weights come by path through the
 environment (set by ttaserve.bench.peers): TTASERVE_PEER_RESNET, TTASERVE_PEER_WEIGHTS,
-TTASERVE_PEER_THREADS.
+TTASERVE_PEER_THREADS, and TTASERVE_PEER_CHANNELS_LAST=1 to run it in the channels-last
+memory layout ttaserve runs convolutional models in (the same forward for every server).
 """
 
 from __future__ import annotations
@@ -26,10 +27,18 @@ def load() -> torch.nn.Module:
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     model = module.DemoResNet()
     model.load_state_dict(load_file(os.environ["TTASERVE_PEER_WEIGHTS"]))
+    if _CHANNELS_LAST:
+        model.to(memory_format=torch.channels_last)
     return model.eval()
+
+
+_CHANNELS_LAST = os.environ.get("TTASERVE_PEER_CHANNELS_LAST") == "1"
 
 
 def predict(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     """Logits [B, 10] float32 for images [B, 1, 28, 28] float32."""
+    x = torch.from_numpy(images)
+    if _CHANNELS_LAST:
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        return model(torch.from_numpy(images)).numpy()
+        return model(x).numpy()
