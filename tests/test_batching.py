@@ -10,7 +10,7 @@ from ttaserve.adapters.safety import SafetyConfig
 from ttaserve.batching import Prediction, Request
 from ttaserve.errors import InvalidInput
 
-SHARING = ["source", "tbn", "alpha-bn", "unmix-tns", "graded-bn"]
+SHARING = ["source", "tbn", "alpha-bn", "unmix-tns", "graded-bn", "adanpc"]
 
 
 def _batches(sizes: list[int], seed: int = 0) -> list[torch.Tensor]:
@@ -45,8 +45,8 @@ def test_shared_forward_equals_each_session_alone_over_a_stream(demo_module: tor
 
 
 def test_sessions_of_different_policies_share_one_pass(demo_module: torch.nn.Module) -> None:
-    policies = ["graded-bn", "unmix-tns", "alpha-bn", "source", "tbn"]
-    xs = _batches([4, 6, 2, 5, 3])
+    policies = ["graded-bn", "unmix-tns", "adanpc", "alpha-bn", "source", "tbn"]
+    xs = _batches([4, 6, 7, 2, 5, 3])
     alone = Engine(demo_module)
     expected = [alone.predict(x, session=f"s{i}", policy=p) for i, (p, x) in enumerate(zip(policies, xs))]
     engine = Engine(demo_module)
@@ -54,6 +54,29 @@ def test_sessions_of_different_policies_share_one_pass(demo_module: torch.nn.Mod
     for p, e, g in zip(policies, expected, got):
         torch.testing.assert_close(_logits(g), e, rtol=0, atol=1e-5)
         assert g.policy == Engine(demo_module, p).default.name  # type: ignore[union-attr]
+
+
+def test_one_pass_and_one_source_memory_search_for_a_mixed_round(demo_module: torch.nn.Module,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six sessions, two each of alpha-bn, unmix-tns and adanpc: one forward pass in all,
+    and the shared 60k-entry source memory searched once for both adanpc sessions."""
+    import ttaserve.adapters.adanpc as adanpc
+
+    engine = Engine(demo_module, safety=SafetyConfig(enabled=False))
+    policies = ["alpha-bn", "unmix-tns", "adanpc"] * 2
+    warm = [Request(x, f"s{i}", policy=p) for i, (p, x) in enumerate(zip(policies, _batches([8] * 6, seed=1)))]
+    engine.predict_many(warm)  # sessions open, adanpc test memories begin to fill
+    passes, searched = [], []
+    module_forward = engine.model.module.forward
+    monkeypatch.setattr(engine.model.module, "forward", lambda x: passes.append(x.shape[0]) or module_forward(x))
+    source_keys = adanpc.source_memory(engine.model)[0]
+    top_k = adanpc._top_k
+    monkeypatch.setattr(adanpc, "_top_k", lambda q, m, k: searched.append((q.shape[0], m[0] is source_keys)) or top_k(q, m, k))
+    results = engine.predict_many([Request(x, f"s{i}") for i, x in enumerate(_batches([8] * 6, seed=2))])
+    assert all(isinstance(r, Prediction) for r in results)
+    assert passes == [48]
+    assert [rows for rows, is_source in searched if is_source] == [16]  # both adanpc sessions at once
+    assert all(rows == 8 for rows, is_source in searched if not is_source)  # each session's own memory
 
 
 def test_an_unsequenced_request_gets_the_policy_it_names(demo_module: torch.nn.Module) -> None:

@@ -12,8 +12,14 @@ forward gives each request what it would get alone up to float rounding: CPU con
 kernels may sum in a different order for a different batch size, so outputs agree to
 ~1e-6 (tested at 1e-5 per policy) rather than bit for bit.
 
-Requests of other policies (prediction-side, gradient and merging policies, compositions)
-run one at a time, in arrival order, through the same per-session code as a lone request.
+A request of a policy that predicts from the classifier head's input of a source pass
+(:class:`~ttaserve.adapters.base.FeaturePolicy`: ``adanpc``) joins the same pass with the
+source statistics for its segment; afterwards the policy answers all such requests of the
+pass together: the shared source memory is searched once for all their features (one
+matrix product and top-k), each session's own test memory only for its own rows.
+
+Requests of other policies (gradient and merging policies, compositions) run one at a
+time, in arrival order, through the same per-session code as a lone request.
 A session with two requests in one batch sees them in arrival order: the second waits for
 the next pass (:func:`rounds`).
 """
@@ -75,6 +81,19 @@ class Planned:
     @property
     def sequence_id(self) -> SequenceId | None:
         return self.request.session
+
+
+class _ReadsFeatures:
+    """The ``norm`` of a planned feature-reading request (adanpc): its segment runs with the
+    source statistics, and the policy answers from the pass's head input afterwards."""
+
+    hook = None
+
+    def commit(self, logits: torch.Tensor) -> None:
+        """Nothing here: the policy updates its state when it answers."""
+
+
+FEATURES = _ReadsFeatures()
 
 
 def rounds(requests: Sequence[Request]) -> Iterator[list[int]]:

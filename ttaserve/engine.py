@@ -16,11 +16,12 @@ from torch import nn
 
 from ttaserve import snapshot
 from ttaserve.adapters import Adapter, PreparedModel, canonical, create_adapter, prepare
-from ttaserve.adapters.base import NormalizationPolicy
+from ttaserve.adapters.base import FeaturePolicy, NormalizationPolicy, TensorState
 from ttaserve.adapters.guard import CollapseGuard, GuardConfig, all_finite
 from ttaserve.adapters.model import MomentLog, normalizer, observe_moments
 from ttaserve.adapters.safety import Reason, SafetyConfig, SafetyNet
 from ttaserve.batching import (
+    FEATURES,
     Planned,
     Prediction,
     Request,
@@ -229,11 +230,11 @@ class Engine:
         choice = self.choice_for(request.policy)
         if request.session is None:
             adapter = self.adapter(choice)
-            if not isinstance(adapter, NormalizationPolicy):
+            if not shares_passes(adapter):
                 return self.run(request)
             return Planned(index, request, choice.name, None, adapter)
         live = self.open_session(request.session, choice, request.policy is not None, request.start)
-        if isinstance(live.adapter, NormalizationPolicy):
+        if shares_passes(live.adapter):
             return Planned(index, request, live.policy, live, live.adapter)
         return self._run_open(live, request)
 
@@ -271,22 +272,25 @@ class Engine:
 
     def _normalization(self, p: Planned) -> Any:
         """A planned request's normalizer (under its session's lock); None: source statistics."""
+        reads_features = isinstance(p.adapter, FeaturePolicy)
         if p.session is None:
             p.state = p.adapter.init_state(self.model)
-            p.norm = p.adapter.normalization(self.model, p.state, p.request.x)
+            p.norm = FEATURES if reads_features else p.adapter.normalization(self.model, p.state, p.request.x)
         elif p.session.safety is not None and p.session.safety.falling_back:
             p.norm = None  # the safety net's cooldown: answered by the source model
         else:
-            p.norm = p.adapter.normalization(self.model, p.session.state, p.request.x)
+            p.norm = FEATURES if reads_features else p.adapter.normalization(self.model, p.session.state, p.request.x)
         return p.norm.hook if p.norm is not None else None
 
     def _forward_shared(self, planned: list[Planned], hook: Any, offsets: list[int],
                         results: list[Result | None]) -> bool:
         """The shared pass and each request's settling; False if the pass itself raised."""
         gate = self.outliers.enabled and any(p.request.adapt for p in planned)
+        readers = any(p.norm is FEATURES for p in planned)
         try:
             with torch.no_grad(), normalizer(hook), self.observed(offsets, gate=gate) as moments:
-                logits = self.model(torch.cat([p.request.x for p in planned]))
+                x = torch.cat([p.request.x for p in planned])
+                features, logits = self.model.features_and_logits(x) if readers else (None, self.model(x))
         except Exception:  # e.g. one request's input the model cannot take: each runs alone
             return False
         settled: list[torch.Tensor | Exception] = []
@@ -295,6 +299,8 @@ class Engine:
                 settled.append(self._settle(p, logits[a:b], segment_moments(moments, k)))
             except Exception as exc:  # e.g. a session whose state broke: that request only
                 settled.append(exc)
+        if features is not None:
+            self._read_features(planned, features, offsets, settled)
         checks = [0 if isinstance(out, Exception) else self._due_checks(p, out) for p, out in zip(planned, settled)]
         wanted = [p.request.x[:n] for p, n in zip(planned, checks) if n]
         source = iter(torch.split(self.source_logits(torch.cat(wanted)), [w.shape[0] for w in wanted])) if wanted else iter(())
@@ -309,9 +315,40 @@ class Engine:
                 self._end_if_asked(p)
         return True
 
+    def _read_features(self, planned: list[Planned], features: torch.Tensor, offsets: list[int],
+                       settled: list[torch.Tensor | Exception]) -> None:
+        """The answers of the pass's feature-reading requests (adanpc), each group of equal
+        policies in one call (one search of the shared source memory), then each one's
+        collapse guard. A call that raises fails only the requests of its group."""
+        groups: dict[Any, list[int]] = {}
+        for k, p in enumerate(planned):
+            if p.norm is FEATURES and not isinstance(settled[k], Exception):
+                groups.setdefault(p.adapter, []).append(k)
+        for adapter, members in groups.items():
+            adapts = [planned[k].request.adapt and planned[k].skipped is None for k in members]
+            try:
+                parts = [(features[offsets[k]:offsets[k + 1]], self._state_of(planned[k]), adapt)
+                         for k, adapt in zip(members, adapts)]
+                answers = adapter.predict_features(self.model, parts)
+            except Exception as exc:  # reported to the group's requests only
+                for k in members:
+                    settled[k] = exc
+                continue
+            for k, adapt, scores in zip(members, adapts, answers):
+                p = planned[k]
+                try:
+                    settled[k] = scores if p.session is None else self._guarded(p.session, p.request.x, scores, adapt)
+                except Exception as exc:
+                    settled[k] = exc
+
+    @staticmethod
+    def _state_of(p: Planned) -> TensorState:
+        return p.session.state if p.session is not None else p.state
+
     def _settle(self, p: Planned, logits: torch.Tensor, moments: list[Any]) -> torch.Tensor:
         """A shared pass's segment, as :meth:`_run` treats a lone batch up to the safety
-        check: outlier gate, commit, collapse guard."""
+        check: outlier gate, commit, collapse guard (a feature-reading request: the gate
+        only; it is answered and guarded by :meth:`_read_features`)."""
         session, request = p.session, p.request
         if p.norm is None:
             return logits
@@ -328,6 +365,8 @@ class Engine:
             session.skipped[p.skipped] += 1
             if not all_finite(session.state):  # broken before this batch: still reset
                 self._reset_locked(session, "non_finite")
+        if p.norm is FEATURES:
+            return logits  # replaced by the policy's answer
         return self._guarded(session, request.x, logits, request.adapt and p.skipped is None)
 
     def _due_checks(self, p: Planned, logits: torch.Tensor) -> int:
@@ -551,6 +590,12 @@ class Engine:
     def watched(self, choice: PolicyChoice) -> bool:
         """Whether sessions of this policy carry a safety net."""
         return self.safety.enabled and choice.name != "source"
+
+
+def shares_passes(adapter: Adapter) -> bool:
+    """Whether a policy's requests share forward passes with other requests and sessions
+    (ttaserve/batching.py): it acts through BatchNorm, or reads the head input of a source pass."""
+    return isinstance(adapter, (NormalizationPolicy, FeaturePolicy))
 
 
 def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -106,7 +106,14 @@ def knn_scores(
     Each memory part is searched on its own and the candidates merged, which avoids
     concatenating a B×(N+n) similarity matrix for the large shared source memory."""
     query = F.normalize(features.float(), dim=1)
-    parts = [_top_k(query, m, k) for m in memories if m[0].shape[0] > 0]
+    return merged_scores(query, [_top_k(query, m, k) for m in memories if m[0].shape[0] > 0],
+                         k, temperature, num_classes)
+
+
+def merged_scores(query: torch.Tensor, parts: list[Memory], k: int, temperature: float,
+                  num_classes: int) -> torch.Tensor:
+    """Class scores from the top-k candidates of each memory part ((similarities, labels)
+    [B, k_i] each): the best k of them all vote."""
     if not parts:
         raise ModelError("the kNN memory is empty")
     values = torch.cat([v for v, _ in parts], dim=1)
@@ -207,13 +214,30 @@ class AdaNPC:
     def forward(
         self, model: PreparedModel, x: torch.Tensor, state: TensorState, adapt: bool = True
     ) -> torch.Tensor:
+        return self.predict_features(model, [(head_features(model, x, source=False), state, adapt)])[0]
+
+    def predict_features(self, model: PreparedModel, parts: list[tuple[torch.Tensor, TensorState, bool]]) -> list[torch.Tensor]:
+        """:meth:`forward` for several requests (sessions) at once, from the head inputs of a
+        pass with source statistics: each part is (features, its session's state, adapt).
+        The shared source memory is searched once for all of them (one matrix product and
+        top-k); each part then searches only its own session's test memory, votes and
+        remembers. A part gets what it would get alone, up to float rounding of the
+        matrix product (ttaserve/batching.py)."""
         p = self.params
-        features = head_features(model, x, source=False)
-        test = (state["features"], state["labels"])
-        scores = knn_scores(features, [source_memory(model), test], p.k, p.temperature, model.num_classes)
-        if adapt:
-            self._remember(features, scores, state)
-        return scores
+        queries = [F.normalize(features.float(), dim=1) for features, _, _ in parts]
+        shared = _top_k(torch.cat(queries), source_memory(model), p.k)
+        sizes = [q.shape[0] for q in queries]
+        out = []
+        for query, (features, state, adapt), values, labels in zip(
+                queries, parts, shared[0].split(sizes), shared[1].split(sizes)):
+            candidates = [(values, labels)]
+            if state["features"].shape[0] > 0:
+                candidates.append(_top_k(query, (state["features"], state["labels"]), p.k))
+            scores = merged_scores(query, candidates, p.k, p.temperature, model.num_classes)
+            if adapt:
+                self._remember(features, scores, state)
+            out.append(scores)
+        return out
 
     def _remember(self, features: torch.Tensor, scores: torch.Tensor, state: TensorState) -> None:
         # Runs after every prediction of the batch is made, so no sample of the batch

@@ -49,7 +49,8 @@ class Adapter(Protocol):
     Segment support: a policy that also implements ``normalization``
     (:class:`NormalizationPolicy`; ``source`` too) shares forward passes with other
     requests and sessions (ttaserve/batching.py: each request segment is normalized by its
-    own session's normalizer). Other policies run one request at a time."""
+    own session's normalizer); so does one that implements ``predict_features``
+    (:class:`FeaturePolicy`: adanpc). Other policies run one request at a time."""
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -93,6 +94,18 @@ class NormalizationPolicy(Adapter, Protocol):
     def normalization(self, model: PreparedModel, state: TensorState, x: torch.Tensor) -> Normalization:
         """The normalizer of the forward pass of ``x`` over ``state`` (read now, updated on
         commit)."""
+
+
+@runtime_checkable
+class FeaturePolicy(Adapter, Protocol):
+    """A policy that predicts from the classifier head's input of a forward pass with
+    source statistics (adanpc): requests of several sessions share that pass, and the
+    policy answers them together (ttaserve/batching.py)."""
+
+    def predict_features(self, model: PreparedModel,
+                         parts: list[tuple[torch.Tensor, TensorState, bool]]) -> list[torch.Tensor]:
+        """Each (features, state, adapt) part's scores, as :meth:`Adapter.forward` would give
+        them for its batch; states updated where adapt."""
 
 
 class StatelessNormalization:
