@@ -5,6 +5,7 @@ benchmarks and the tests all predict through :meth:`Engine.predict` (one batch) 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from torch import nn
 
 from ttaserve import snapshot
 from ttaserve.adapters import Adapter, PreparedModel, canonical, create_adapter, prepare
-from ttaserve.adapters.base import FeaturePolicy, NormalizationPolicy, TensorState
+from ttaserve.adapters.base import TensorState
 from ttaserve.adapters.guard import CollapseGuard, GuardConfig, all_finite
 from ttaserve.adapters.model import MomentLog, normalizer, observe_moments
 from ttaserve.adapters.safety import Reason, SafetyConfig, SafetyNet
@@ -272,14 +273,14 @@ class Engine:
 
     def _normalization(self, p: Planned) -> Any:
         """A planned request's normalizer (under its session's lock); None: source statistics."""
-        reads_features = isinstance(p.adapter, FeaturePolicy)
+        features = reads_features(p.adapter)
         if p.session is None:
             p.state = p.adapter.init_state(self.model)
-            p.norm = FEATURES if reads_features else p.adapter.normalization(self.model, p.state, p.request.x)
+            p.norm = FEATURES if features else p.adapter.normalization(self.model, p.state, p.request.x)
         elif p.session.safety is not None and p.session.safety.falling_back:
             p.norm = None  # the safety net's cooldown: answered by the source model
         else:
-            p.norm = FEATURES if reads_features else p.adapter.normalization(self.model, p.session.state, p.request.x)
+            p.norm = FEATURES if features else p.adapter.normalization(self.model, p.session.state, p.request.x)
         return p.norm.hook if p.norm is not None else None
 
     def _forward_shared(self, planned: list[Planned], hook: Any, offsets: list[int],
@@ -595,7 +596,24 @@ class Engine:
 def shares_passes(adapter: Adapter) -> bool:
     """Whether a policy's requests share forward passes with other requests and sessions
     (ttaserve/batching.py): it acts through BatchNorm, or reads the head input of a source pass."""
-    return isinstance(adapter, (NormalizationPolicy, FeaturePolicy))
+    return _kind(type(adapter)) != ""
+
+
+def reads_features(adapter: Adapter) -> bool:
+    """Whether a policy answers from the head input of a source pass
+    (:class:`ttaserve.adapters.base.FeaturePolicy`)."""
+    return _kind(type(adapter)) == "features"
+
+
+@functools.cache
+def _kind(cls: type) -> str:
+    # Per class (policies define these methods on the class): a runtime protocol check per
+    # request cost ~20 us, as much as a small tensor operation.
+    # The methods that make a policy a FeaturePolicy / NormalizationPolicy (the rest of
+    # those protocols is the Adapter every policy is).
+    if callable(getattr(cls, "predict_features", None)):
+        return "features"
+    return "normalization" if callable(getattr(cls, "normalization", None)) else ""
 
 
 def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -115,3 +115,28 @@ def test_bn_policy_on_a_model_without_batchnorm_fails_clearly() -> None:
     with pytest.raises(ModelError, match="no BatchNorm2d"):
         Engine(net, "alpha-bn")
     Engine(net, "source")  # source works on anything
+
+
+def test_drift_observation_shares_its_moments_alone_and_in_a_shared_pass(demo_module: torch.nn.Module,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """alpha-bn normalizes with the batch moments the drift observer computed for the same
+    layer input (per request segment in a shared pass): bit-identical to a run without drift
+    signals, and each layer's moments computed once per segment."""
+    import ttaserve.adapters.model as model
+    import ttaserve.kernels.norm as norm
+    from ttaserve.batching import Request
+
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.rand(n, 1, 28, 28, generator=gen) * 0.5 for n in (16, 5, 9)]
+    watched, plain = Engine(demo_module, "alpha-bn"), Engine(demo_module, "alpha-bn", track_drift=False)
+    assert torch.equal(watched.predict(xs[0]), plain.predict(xs[0]))
+    calls = []
+    moments = norm.batch_moments
+    counted = lambda z: calls.append(z.shape[0]) or moments(z)  # noqa: E731
+    monkeypatch.setattr(norm, "batch_moments", counted)  # the kernels' segment moments
+    monkeypatch.setattr(model, "batch_moments", counted)  # the drift observer's
+    together = watched.predict_many([Request(x, f"s{i}") for i, x in enumerate(xs)])
+    apart = plain.predict_many([Request(x, f"s{i}") for i, x in enumerate(xs)])
+    assert all(torch.equal(a.logits, b.logits) for a, b in zip(together, apart))  # type: ignore[union-attr]
+    layers = len(watched.model.bn_layers)
+    assert len(calls) == 2 * 3 * layers  # once per layer and segment in each engine's pass

@@ -31,8 +31,10 @@ from ttaserve.adapters.base import (
     TensorState,
     run_normalized,
 )
-from ttaserve.adapters.model import AdaptiveBatchNorm2d, NormHook, PreparedModel
+from ttaserve.adapters.model import AdaptiveBatchNorm2d, NormHook, PreparedModel, observed_moments
 from ttaserve.adapters.registry import bounds, register, register_alias
+from ttaserve.kernels.norm import per_sample
+from ttaserve.kernels.reference import alpha_bn_with
 from ttaserve.kernels.select import implementation
 
 # The whole layer (statistics, mixing, normalization) is one kernel: fused on CUDA.
@@ -58,8 +60,13 @@ class AlphaBNNorm:
 
     def __call__(self, layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
         offsets = list(self.offsets) if self.offsets is not None else None
-        return _alpha_bn(z, offsets, layer.running_mean, layer.running_var, self.alpha,
-                         layer.weight, layer.bias, layer.eps)
+        seen = observed_moments(z)  # the drift observer's moments of this input, bit-identical
+        if seen is None:
+            return _alpha_bn(z, offsets, layer.running_mean, layer.running_var, self.alpha,
+                             layer.weight, layer.bias, layer.eps)
+        mean, var = seen if offsets is None else (per_sample(seen[0], offsets), per_sample(seen[1], offsets))
+        return alpha_bn_with(z, mean, var, layer.running_mean, layer.running_var, self.alpha,
+                             layer.weight, layer.bias, layer.eps)
 
 
 def alpha_bn_norm(alpha: float, offsets: list[int] | None = None) -> NormHook:

@@ -81,7 +81,7 @@ class AdaptiveBatchNorm2d(nn.Module):
             segments = _SEGMENTS.get()
             mean, var = _moments(z.detach(), segments)
             sink.append((self, mean, var))
-            if hook is not None and segments is None:
+            if hook is not None:
                 token = _OBSERVED.set((z, mean, var))
                 try:
                     return hook(self, z)
@@ -143,7 +143,9 @@ def aside() -> Iterator[None]:
 
 def observed_moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The batch moments (:func:`ttaserve.kernels.norm.batch_moments`) of exactly this layer
-    input if the drift observer already computed them in this pass, else None."""
+    input if the drift observer already computed them in this pass, else None: [C], or in
+    a shared pass, where only a normalizer handed the whole batch can match, per request
+    segment [S, C]."""
     seen = _OBSERVED.get()
     return (seen[1], seen[2]) if seen is not None and seen[0] is z else None
 

@@ -50,12 +50,14 @@ def segment_moments(
     """Batch moments computed separately for each segment ``z[offsets[i]:offsets[i+1]]``,
     broadcast back to [B, C]. Each segment is reduced exactly as :func:`batch_moments` would
     reduce it alone, so a segment's result does not depend on its neighbours."""
-    means, variances = [], []
-    for start, stop in zip(offsets[:-1], offsets[1:]):
-        mean, var = batch_moments(z[start:stop])
-        means.append(mean.expand(stop - start, -1))
-        variances.append(var.expand(stop - start, -1))
-    return torch.cat(means), torch.cat(variances)
+    pairs = [batch_moments(z[start:stop]) for start, stop in zip(offsets[:-1], offsets[1:])]
+    return per_sample(torch.stack([m for m, _ in pairs]), offsets), per_sample(torch.stack([v for _, v in pairs]), offsets)
+
+
+def per_sample(rows: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """Per-segment statistics [S, C] repeated for each sample of their segment: [B, C]."""
+    lengths = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
+    return rows.repeat_interleave(lengths, dim=0)
 
 
 def normalize(

@@ -46,6 +46,21 @@ def alpha_bn(
         mean_t, var_t = batch_moments(z)
     else:
         mean_t, var_t = segment_moments(z, offsets)
+    return alpha_bn_with(z, mean_t, var_t, source_mean, source_var, alpha, weight, bias, eps)
+
+
+def alpha_bn_with(
+    z: torch.Tensor,
+    mean_t: torch.Tensor,
+    var_t: torch.Tensor,
+    source_mean: torch.Tensor,
+    source_var: torch.Tensor,
+    alpha: float,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """:func:`alpha_bn` with the test statistics already known ([C], or [B, C] per sample)."""
     mean = alpha * source_mean + (1.0 - alpha) * mean_t
     var = alpha * source_var + (1.0 - alpha) * var_t
     return normalize(z, mean, var, weight, bias, eps)
