@@ -60,3 +60,26 @@ def test_all_finite_checks_every_floating_tensor_at_once() -> None:
         broken = dict(ok, b=torch.tensor([[1.0, bad], [0.0, 0.0]], dtype=torch.float64))
         assert not all_finite(broken)
         assert not all_finite({"only": torch.tensor(bad)})
+
+
+def test_a_normalizer_reporting_its_instance_moments_gives_the_observer_the_batch_moments(
+        demo_module: torch.nn.Module) -> None:
+    """unmix-tns computes per-sample moments anyway and reports them; the observer pools
+    them (law of total variance) instead of two more passes: the same batch moments."""
+    from ttaserve.adapters import create_adapter
+    from ttaserve.adapters.model import normalizer
+
+    model = prepare(demo_module)
+    adapter = create_adapter("unmix-tns", model)
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(2)) * 0.7
+    hook = adapter.normalization(model, adapter.init_state(model), x).hook
+    assert getattr(hook, "reports_moments", False)
+    with torch.no_grad(), normalizer(hook), observe_moments() as reported:
+        out = model(x)
+    with torch.no_grad(), normalizer(lambda layer, z: hook(layer, z)), observe_moments() as computed:
+        assert torch.equal(model(x), out)  # reporting changes nothing of the output
+    assert len(reported) == len(computed) == len(model.bn_layers)
+    for (la, ma, va), (lb, mb, vb) in zip(reported, computed):
+        assert la is lb
+        torch.testing.assert_close(ma, mb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)

@@ -39,6 +39,8 @@ _SEGMENTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
 _OBSERVED: contextvars.ContextVar[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = (
     contextvars.ContextVar("ttaserve_observed", default=None)
 )
+# Set while a normalizer that reports its own per-sample moments runs for the observer.
+_REPORTING: contextvars.ContextVar[bool] = contextvars.ContextVar("ttaserve_reporting", default=False)
 _FEATURES: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
     "ttaserve_features", default=None
 )
@@ -79,6 +81,15 @@ class AdaptiveBatchNorm2d(nn.Module):
         hook = _NORM_HOOK.get()
         if sink is not None:  # drift monitoring: what the data looks like at this layer
             segments = _SEGMENTS.get()
+            if hook is not None and segments is None and getattr(hook, "reports_moments", False):
+                # The normalizer computes per-sample moments anyway and reports them
+                # (report_instance_moments): pooling them is far cheaper than two more
+                # passes over the activation.
+                reporting = _REPORTING.set(True)
+                try:
+                    return hook(self, z)
+                finally:
+                    _REPORTING.reset(reporting)
             mean, var = _moments(z.detach(), segments)
             sink.append((self, mean, var))
             if hook is not None:
@@ -153,6 +164,14 @@ def observed_moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
 def observing() -> bool:
     """Whether this forward pass is asked for its BatchNorm-input moments."""
     return _MOMENTS.get() is not None
+
+
+def report_instance_moments(layer: AdaptiveBatchNorm2d, inst_mean: torch.Tensor, inst_var: torch.Tensor) -> None:
+    """A normalizer declaring ``reports_moments = True`` hands the drift observer the
+    per-sample moments [B, C] it computed for the layer input it was given, when the
+    observer asked it to (a lone batch); otherwise this does nothing."""
+    if _REPORTING.get():
+        record_instance_moments(layer, inst_mean.detach(), inst_var.detach())
 
 
 def record_instance_moments(layer: AdaptiveBatchNorm2d, inst_mean: torch.Tensor, inst_var: torch.Tensor) -> None:

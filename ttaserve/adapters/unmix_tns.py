@@ -62,7 +62,12 @@ from typing import ClassVar, cast
 import torch
 
 from ttaserve.adapters.base import Normalization, TensorState, run_normalized
-from ttaserve.adapters.model import AdaptiveBatchNorm2d, NormHook, PreparedModel
+from ttaserve.adapters.model import (
+    AdaptiveBatchNorm2d,
+    NormHook,
+    PreparedModel,
+    report_instance_moments,
+)
 from ttaserve.adapters.registry import bounds, register
 from ttaserve.kernels import instance_moments, normalize
 from ttaserve.kernels.reference import soft_assignment as soft_assignment  # re-export
@@ -167,9 +172,12 @@ class UnMixNorm:
         m = batch_momentum(base, inst_mean.shape[0], self.params.b_max)
         self.pending.append(_Pending(layer.index, inst_mean, inst_var, p, m))
 
+    reports_moments: ClassVar[bool] = True  # its instance moments feed the drift observer
+
     def __call__(self, layer: AdaptiveBatchNorm2d, z: torch.Tensor) -> torch.Tensor:
         means, variances = self.components(layer.index)
         inst_mean, inst_var = instance_moments(z)
+        report_instance_moments(layer, inst_mean, inst_var)
         mean, var, p = _unmix_moments(inst_mean, inst_var, means, variances, self.params.tau)
         self.record(layer, inst_mean, inst_var, p)
         return normalize(z, mean, var, layer.weight, layer.bias, layer.eps)

@@ -82,13 +82,16 @@ def unmixed_moments(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample statistics (B x C): each component pulled toward the sample by p_bk,
     then the mixture's mean and variance (law of total variance)."""
-    w = p.unsqueeze(-1)  # B x K x 1
-    mixed_mean = (1.0 - w) * means + w * inst_mean.unsqueeze(1)  # B x K x C
-    mixed_var = (1.0 - w) * variances + w * inst_var.unsqueeze(1)
+    batch, k, channels = p.shape[0], means.shape[0], means.shape[1]
+    # (1 - w)·M_k + w·μ_b as one lerp (exactly μ_b where w = 1): B x K x C
+    mixed_mean = torch.lerp(means.expand(batch, k, channels), inst_mean.unsqueeze(1).expand(batch, k, channels),
+                            p.unsqueeze(-1))
     mean = mixed_mean.mean(dim=1)
     # Centred form: cannot round below zero, and K = 1 gives the instance variance exactly.
-    spread = (mixed_mean - mean.unsqueeze(1)).square().mean(dim=1)
-    return mean, mixed_var.mean(dim=1) + spread
+    spread = (mixed_mean - mean.unsqueeze(1)).square_().mean(dim=1)
+    # mean_k of (1 - w)·V_k + w·σ²_b without a B x K x C tensor: (Σ_k V_k − p·V + (Σ_k p)·σ²_b) / K
+    mixed_var = (variances.sum(dim=0) - p @ variances + p.sum(dim=1, keepdim=True) * inst_var) / k
+    return mean, mixed_var + spread
 
 
 def unmix_moments(
