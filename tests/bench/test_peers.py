@@ -75,7 +75,7 @@ def test_ratios_come_from_the_same_run(quick_run: tuple[dict[str, Any], Path]) -
     result, _ = quick_run
     own = {r["concurrency"]: r["req_per_s"] for r in result["servers"]["ttaserve"]["runs"]}
     for name, server in _served(result).items():
-        if name == "ttaserve":
+        if name.startswith("ttaserve"):
             continue
         rows = {row["concurrency"]: row for row in result["ratios"][name]}
         assert set(rows) == set(CONCURRENCIES), name
@@ -83,6 +83,12 @@ def test_ratios_come_from_the_same_run(quick_run: tuple[dict[str, Any], Path]) -
             row = rows[run["concurrency"]]
             assert row["throughput"] == pytest.approx(own[run["concurrency"]] / run["req_per_s"])
             assert row["goal_met"] == (row["throughput"] >= row["goal"])
+    adapting = {r["concurrency"]: r["req_per_s"] for r in result["servers"]["ttaserve-alpha-bn"]["runs"]}
+    for name, rows in result["ratios_adapting"].items():
+        peer = {r["concurrency"]: r["req_per_s"] for r in result["servers"][name]["runs"]}
+        for row in rows:
+            assert row["goal"] == 1.0
+            assert row["throughput"] == pytest.approx(adapting[row["concurrency"]] / peer[row["concurrency"]])
 
 
 @pytest.mark.slow
@@ -183,6 +189,9 @@ def test_every_server_gets_the_same_threads_and_allocator(tmp_path: Path, monkey
     ttaserve = seen["ttaserve"][1].command
     assert ttaserve[ttaserve.index("--torch-threads") + 1] == "2"
     assert ("--no-keep-freed-memory" in ttaserve) == (allocator == "default")
+    adapting = seen["ttaserve-alpha-bn"][1].command  # the same server, adapting every batch
+    assert adapting[adapting.index("--policy") + 1] == "alpha-bn"
+    assert [w for w in adapting if w not in ("alpha-bn", "source")][:4] == [w for w in ttaserve if w != "source"][:4]
     assert seen["triton"][1].env["TTASERVE_PEER_THREADS"] == "2"
     for name in ("triton", "mlserver", "torchserve"):  # the layout ttaserve runs the demo in
         assert seen[name][1].env["TTASERVE_PEER_CHANNELS_LAST"] == "1", name

@@ -158,10 +158,10 @@ def _torchserve_client(url: str) -> Callable[[], Caller]:
     return make
 
 
-def _launch_ttaserve(setup: Setup) -> Launch:
+def _launch_ttaserve(setup: Setup, policy: str = "source") -> Launch:
     port = free_port()
     command = [sys.executable, "-m", "ttaserve", "serve", "--grpc-port", str(port),
-               "--metrics-port", "-1", "--policy", "source", "--torch-threads", str(setup.threads)]
+               "--metrics-port", "-1", "--policy", policy, "--torch-threads", str(setup.threads)]
     if setup.allocator != "tuned":  # no in-process tuning either: malloc as glibc ships it
         command.append("--no-keep-freed-memory")
     return Launch(command, server_env(setup), _triton_client(f"127.0.0.1:{port}"))
@@ -219,6 +219,9 @@ def _launch_torchserve(setup: Setup) -> Launch:
 
 LAUNCHERS: dict[str, tuple[str | None, Callable[[Setup], Launch]]] = {
     "ttaserve": (None, _launch_ttaserve),
+    # adapting every request (alpha-bn on each batch: no sequence id needed), against the
+    # peers serving the unadapted model
+    "ttaserve-alpha-bn": (None, lambda setup: _launch_ttaserve(setup, "alpha-bn")),
     "triton": ("pytriton", _launch_triton),
     "mlserver": ("mlserver", _launch_mlserver),
     "torchserve": ("ts", _launch_torchserve),

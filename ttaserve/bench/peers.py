@@ -1,4 +1,5 @@
-"""Peer servers benchmark: ttaserve (source policy) against Triton, MLServer and TorchServe.
+"""Peer servers benchmark: ttaserve (source policy, and adapting every batch with alpha-bn)
+against Triton, MLServer and TorchServe serving the unadapted model.
 
 Every server serves the same demo model (batch 64, FP32 [64, 1, 28, 28] -> logits [64, 10],
 eval mode, the same torch thread count) as a subprocess on loopback ports, one server at a
@@ -81,8 +82,10 @@ log = logging.getLogger(__name__)
 
 BATCH = 64
 PUBLISHABLE = {"duration_s": 10.0, "rounds": 2.0}  # least seconds per point and interleaved rounds
-GOALS = {"triton": 1.0, "mlserver": 1.5, "torchserve": 1.0}  # ttaserve/peer throughput
-PEERS = ("ttaserve", "triton", "mlserver", "torchserve")
+GOALS = {"triton": 1.2, "mlserver": 1.2, "torchserve": 1.2}  # ttaserve (source) / peer throughput
+ADAPTING = "ttaserve-alpha-bn"  # ttaserve adapting every batch; its goal: >= 1.0x every peer
+ADAPTING_GOAL = 1.0
+PEERS = ("ttaserve", ADAPTING, "triton", "mlserver", "torchserve")
 _HERE = Path(__file__).resolve().parent
 _REPO = _HERE.parents[1]
 
@@ -167,6 +170,17 @@ def _direct_client() -> Callable[[], Caller]:
     return lambda: call
 
 
+def _adapted_reference(images: np.ndarray) -> np.ndarray:
+    """What ttaserve serving alpha-bn must answer for ``images`` (no sequence id)."""
+    import torch
+
+    from ttaserve.engine import Engine
+    from ttaserve.models import demo
+
+    with torch.no_grad():
+        return Engine(demo(), "alpha-bn").predict(torch.from_numpy(images)).numpy()
+
+
 def _bench_server(name: str, setup: Setup, plan: dict[str, Any], progress: Any) -> dict[str, Any]:
     module, launcher = LAUNCHERS[name]
     try:
@@ -181,7 +195,8 @@ def _bench_server(name: str, setup: Setup, plan: dict[str, Any], progress: Any) 
     try:
         launch = launcher(replace(setup, workdir=workdir))
         with serving(launch, workdir / "server.log", plan["startup_timeout_s"], plan["images"]) as (call, sid):
-            diff = float(np.abs(call(plan["images"]) - plan["reference"]).max())
+            reference = plan["references"].get(name, plan["reference"])
+            diff = float(np.abs(call(plan["images"]) - reference).max())
             env_check = check_environments(sid, equal_terms(setup.threads, setup.allocator))
             for concurrency in plan["concurrencies"]:
                 progress.set_postfix_str(f"{name} c={concurrency}")
@@ -223,22 +238,24 @@ def _merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _ratios(servers: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """ttaserve/peer throughput and p99 ratio at each concurrency both measured (same run)."""
-    own = {r["concurrency"]: r for r in servers.get("ttaserve", {}).get("runs", [])}
+def _ratios(servers: dict[str, dict[str, Any]], mine: str = "ttaserve",
+            goal: float | None = None) -> dict[str, list[dict[str, Any]]]:
+    """``mine``/peer throughput and p99 ratio at each concurrency both measured (same run);
+    the goal is ``goal``, else the peer's entry in GOALS."""
+    own = {r["concurrency"]: r for r in servers.get(mine, {}).get("runs", [])}
     ratios: dict[str, list[dict[str, Any]]] = {}
     for name, result in servers.items():
-        if name == "ttaserve" or result.get("status") != "ok":
+        if name.startswith("ttaserve") or result.get("status") != "ok":
             continue
         rows = []
+        target = goal if goal is not None else GOALS.get(name, 0.0)
         for run in result["runs"]:
-            mine = own.get(run["concurrency"])
-            if not mine or not run["req_per_s"] or not mine["req_per_s"]:
+            ours = own.get(run["concurrency"])
+            if not ours or not run["req_per_s"] or not ours["req_per_s"]:
                 continue
-            ratio = mine["req_per_s"] / run["req_per_s"]
+            ratio = ours["req_per_s"] / run["req_per_s"]
             rows.append({"concurrency": run["concurrency"], "throughput": ratio,
-                         "p99": mine["p99_ms"] / run["p99_ms"],
-                         "goal": GOALS.get(name), "goal_met": ratio >= GOALS.get(name, 0.0)})
+                         "p99": ours["p99_ms"] / run["p99_ms"], "goal": target, "goal_met": ratio >= target})
         ratios[name] = rows
     return ratios
 
@@ -274,6 +291,7 @@ def run_peers(out_dir: str | Path, quick: bool = False, concurrencies: Sequence[
     direct = _direct_client()
     with _torch_threads(threads):
         plan["reference"] = direct()(plan["images"])
+        plan["references"] = {ADAPTING: _adapted_reference(plan["images"])}
     done: dict[str, list[dict[str, Any]]] = {name: [] for name in peers}
     baselines = []
     load_before = os.getloadavg()
@@ -305,6 +323,7 @@ def run_peers(out_dir: str | Path, quick: bool = False, concurrencies: Sequence[
         "direct": _median_run(baselines),
         "servers": servers,
         "ratios": _ratios(servers),
+        "ratios_adapting": _ratios(servers, ADAPTING, ADAPTING_GOAL),
     }
     (out / "peers.json").write_text(json.dumps(result, indent=2))
     draw(out / "peers.png", lambda plt, path: _chart(plt, result, path))
@@ -351,7 +370,7 @@ def _chart(plt: Any, result: dict[str, Any], path: Path) -> None:
         if server.get("status") != "ok" or not runs:
             continue
         conc = [r["concurrency"] for r in runs]
-        style = {"linewidth": 2.5} if name == "ttaserve" else {}
+        style = {"linewidth": 2.5} if name.startswith("ttaserve") else {}
         left.plot(conc, [r["images_per_s"] for r in runs], marker="o", label=name, **style)
         right.plot(conc, [r["p99_ms"] for r in runs], marker="o", label=name, **style)
     left.set(title=f"Throughput (batch {result['batch']})", xlabel="concurrent clients",
@@ -387,12 +406,16 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"{'direct':<11}{1:>5}{d['req_per_s']:>9.1f}{d['images_per_s']:>9.0f}"
                  f"{d['p50_ms']:>9.1f}{d['p99_ms']:>9.1f}   (torch forward in this process, no server)")
     lines.append("")
-    lines.append("ttaserve / peer (same run): throughput ratio [goal], p99 ratio (lower is better)")
-    for name, rows in result["ratios"].items():
-        for row in rows:
-            mark = "met" if row["goal_met"] else "NOT met"
-            lines.append(f"  vs {name:<11} c={row['concurrency']:<3} {shown(row['throughput'], row['goal'])}x "
-                         f"[>= {row['goal']}: {mark}]  p99 {row['p99']:.2f}x")
+    for title, key in (("ttaserve (source)", "ratios"), (f"{ADAPTING} (adapting every batch)", "ratios_adapting")):
+        if not result.get(key):
+            continue
+        lines.append(f"{title} / peer serving the unadapted model (same run): throughput ratio [goal], "
+                     "p99 ratio (lower is better)")
+        for name, rows in result[key].items():
+            for row in rows:
+                mark = "met" if row["goal_met"] else "NOT met"
+                lines.append(f"  vs {name:<11} c={row['concurrency']:<3} {shown(row['throughput'], row['goal'])}x "
+                             f"[>= {row['goal']}: {mark}]  p99 {row['p99']:.2f}x")
     load = result["load_average"]
     lines.append(f"load average (1 min) before/after: {load['before'][0]:.1f} / {load['after'][0]:.1f}"
                  f" on {result['cpus']} CPUs")
