@@ -375,6 +375,7 @@ def _chart(plt: Any, result: dict[str, Any], path: Path) -> None:
         right.plot(conc, [r["p99_ms"] for r in runs], marker="o", label=name, **style)
     left.set(title=f"Throughput (batch {result['batch']})", xlabel="concurrent clients",
              ylabel="images / s")
+    left.set_ylim(bottom=0)  # from zero: the servers' differences at their true scale
     right.set(title="p99 latency", xlabel="concurrent clients", ylabel="ms", yscale="log")
     left.axhline(result["direct"]["images_per_s"], color="gray", linestyle="--",
                  label="torch in-process (c=1)")
@@ -392,18 +393,18 @@ def _chart(plt: Any, result: dict[str, Any], path: Path) -> None:
 
 def format_table(result: dict[str, Any]) -> str:
     """The result as a plain-text table: one row per server and concurrency, then the ratios."""
-    lines = [f"{'server':<11}{'conc':>5}{'req/s':>9}{'img/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"]
+    lines = [f"{'server':<18}{'conc':>5}{'req/s':>9}{'img/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"]
     for name, server in result["servers"].items():
         if server.get("status") != "ok":
             reason = server.get("reason", "").splitlines()[0] if server.get("reason") else ""
-            lines.append(f"{name:<11}{server.get('status')}: {reason}")
+            lines.append(f"{name:<18}{server.get('status')}: {reason}")
         for r in server.get("runs", []):
             p50 = f"{r['p50_ms']:.1f}" if r["p50_ms"] is not None else "-"
             p99 = f"{r['p99_ms']:.1f}" if r["p99_ms"] is not None else "-"
-            lines.append(f"{name:<11}{r['concurrency']:>5}{r['req_per_s']:>9.1f}"
+            lines.append(f"{name:<18}{r['concurrency']:>5}{r['req_per_s']:>9.1f}"
                          f"{r['images_per_s']:>9.0f}{p50:>9}{p99:>9}{r['errors']:>8}")
     d = result["direct"]
-    lines.append(f"{'direct':<11}{1:>5}{d['req_per_s']:>9.1f}{d['images_per_s']:>9.0f}"
+    lines.append(f"{'direct':<18}{1:>5}{d['req_per_s']:>9.1f}{d['images_per_s']:>9.0f}"
                  f"{d['p50_ms']:>9.1f}{d['p99_ms']:>9.1f}   (torch forward in this process, no server)")
     lines.append("")
     for title, key in (("ttaserve (source)", "ratios"), (f"{ADAPTING} (adapting every batch)", "ratios_adapting")):
