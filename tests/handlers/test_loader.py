@@ -43,7 +43,7 @@ def test_factory_and_program_models_match_the_demo(tmp_path: Path) -> None:
         assert features.shape == (6, 64)
 
 
-def test_channels_last_is_the_default_and_can_be_turned_off(tmp_path: Path) -> None:
+def test_channels_last_is_the_cpu_default_and_can_be_turned_off(tmp_path: Path) -> None:
     base = {**SPEC, "factory": "ttaserve.models.resnet:DemoResNet", "weights": weights_path("expert")}
     _write(tmp_path / "nhwc", base)
     _write(tmp_path / "nchw", {**base, "channels_last": False})
@@ -56,6 +56,12 @@ def test_channels_last_is_the_default_and_can_be_turned_off(tmp_path: Path) -> N
         original = demo()(x)
         assert torch.equal(loaded["nchw"](x), original)  # the original layout: bit for bit
         torch.testing.assert_close(loaded["nhwc"](x), original, rtol=0, atol=1e-5)
+    # by default only a model on the CPU (a GPU's fused kernels walk NCHW rows)
+    from ttaserve.adapters.model import prepare
+
+    off_cpu = prepare(demo().to("meta")).module.state_dict()[conv]
+    assert off_cpu.is_contiguous() and not off_cpu.is_contiguous(memory_format=torch.channels_last)
+    assert prepare(demo()).module.state_dict()[conv].is_contiguous(memory_format=torch.channels_last)
     _write(tmp_path / "bad" / "m", {**base, "channels_last": "yes"})
     with pytest.raises(ModelConfigError, match="'channels_last' must be true or false"):
         load_repository(tmp_path / "bad")

@@ -302,10 +302,12 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def prepare(module: nn.Module, head: str | None = None, num_classes: int | None = None,
-            channels_last: bool = True) -> PreparedModel:
+            channels_last: bool | None = None) -> PreparedModel:
     """Copy ``module``, freeze it, put it in eval mode, swap BatchNorm2d layers for
     :class:`AdaptiveBatchNorm2d` and tap the classifier head's input. A convolutional
-    model runs channels-last (:func:`to_channels_last`) unless ``channels_last`` is False."""
+    model runs channels-last (:func:`to_channels_last`) if ``channels_last`` is True; by
+    default (None) when it is on the CPU (the fused GPU kernels walk NCHW rows and would
+    copy every channels-last activation back)."""
     module = copy.deepcopy(module).eval()
     for p in module.parameters():
         p.requires_grad_(False)
@@ -320,6 +322,8 @@ def prepare(module: nn.Module, head: str | None = None, num_classes: int | None 
     _set_submodule(module, head_name, FeatureTap(head_module))
     if num_classes is None:
         num_classes = int(getattr(head_module, "out_features", 0)) or 0
+    if channels_last is None:
+        channels_last = all(p.device.type == "cpu" for p in module.parameters())
     if channels_last and any(p.dim() == 4 for p in module.parameters()):  # convolutional
         to_channels_last(module)
     # A model may carry loaders for its own artifacts (the demo model does).

@@ -109,9 +109,9 @@ def load_model_dir(directory: Path) -> LoadedModel:
     return LoadedModel(spec, prepared, raw.get("policy"), dict(raw.get("params", {})))
 
 
-def _channels_last(raw: dict[str, Any]) -> bool:
-    value = raw.get("channels_last", True)
-    if not isinstance(value, bool):
+def _channels_last(raw: dict[str, Any]) -> bool | None:
+    value = raw.get("channels_last")  # None: prepare's default (channels-last on the CPU)
+    if value is not None and not isinstance(value, bool):
         raise ModelConfigError(f"'channels_last' must be true or false, got {value!r}")
     return value
 
