@@ -4,7 +4,7 @@ On a machine with a CUDA GPU and torch, triton, onnxruntime(-gpu) installed (no 
 needed), it prints four tables:
 
 1. **kernels**: each Triton kernel against its torch reference on random inputs (max |diff|);
-2. **kernel timings**: Triton vs torch, median ms on the device (CUDA events);
+2. **kernel timings**: Triton vs torch, median ms per call (wall clock between device synchronizations);
 3. **engine stream**: every registered policy through ``Engine`` on the GPU against the same
    stream on the CPU: max |logit diff| and whether every prediction agrees;
 4. **ONNX Runtime**: the demo model and a ResNet-50-shaped model exported with ttaserve's
