@@ -178,3 +178,17 @@ def test_a_request_the_shared_pass_cannot_take_fails_alone(demo_module: torch.nn
     assert isinstance(results[1], Exception) and engine.sessions.get("b") is None
     torch.testing.assert_close(_logits(results[0]), Engine(demo_module, "graded-bn").predict(good, session="a"),
                                rtol=0, atol=1e-5)
+
+
+def test_a_monitor_without_drift_signals_sees_every_segment(demo_module: torch.nn.Module) -> None:
+    """Drift signals off but a monitor on (nothing observed in the pass): every request of a
+    shared pass is answered and reported, with no per-layer divergence to report."""
+    from ttaserve.outliers import OutlierConfig
+
+    reports: list = []
+    engine = Engine(demo_module, "alpha-bn", track_drift=False, monitor=reports.append,
+                    outliers=OutlierConfig(enabled=False))
+    results = engine.predict_many([Request(x, f"s{i}") for i, x in enumerate(_batches([4, 3, 2]))])
+    assert all(isinstance(r, Prediction) for r in results)
+    assert len(reports) == 3
+    assert engine.layer_divergence_of(engine.sessions.get("s2")) == {}

@@ -34,7 +34,9 @@ class _Layout:
     statistics concatenated, and the [T, L] matrix that averages each call's channels."""
 
     def __init__(self, layers: Sequence[Any]) -> None:
-        self.names = [layer.layer_name for layer in layers]
+        self.columns: dict[str, list[int]] = {}  # layer name -> its calls (a layer may run twice)
+        for column, layer in enumerate(layers):
+            self.columns.setdefault(layer.layer_name, []).append(column)
         self.mean = torch.cat([layer.running_mean.detach().float() for layer in layers])
         self.var = torch.cat([layer.running_var.detach().float() for layer in layers])
         sizes = [layer.running_mean.numel() for layer in layers]
@@ -69,13 +71,8 @@ def divergence_rows(moments: Sequence[Any]) -> list[dict[str, float]]:
     mean = torch.cat([m.float() for _, m, _ in moments], dim=-1)
     var = torch.cat([v.float() for _, _, v in moments], dim=-1)
     rows = (symmetric_kl(mean, var, layout.mean, layout.var) @ layout.average).reshape(-1, len(moments))
-    out = []
-    for values in rows.tolist():
-        sums: dict[str, list[float]] = {}
-        for name, value in zip(layout.names, values):
-            sums.setdefault(name, []).append(value)
-        out.append({name: sum(v) / len(v) for name, v in sums.items()})
-    return out
+    return [{name: sum(values[c] for c in calls) / len(calls) for name, calls in layout.columns.items()}
+            for values in rows.tolist()]
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

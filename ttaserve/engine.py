@@ -607,10 +607,9 @@ def reads_features(adapter: Adapter) -> bool:
 
 @functools.cache
 def _kind(cls: type) -> str:
-    # Per class (policies define these methods on the class): a runtime protocol check per
-    # request cost ~20 us, as much as a small tensor operation.
-    # The methods that make a policy a FeaturePolicy / NormalizationPolicy (the rest of
-    # those protocols is the Adapter every policy is).
+    # The method that makes a policy a FeaturePolicy / NormalizationPolicy (the rest of those
+    # protocols is the Adapter every policy is), looked up once per class: a runtime
+    # protocol check per request cost ~20 us, as much as a small tensor operation.
     if callable(getattr(cls, "predict_features", None)):
         return "features"
     return "normalization" if callable(getattr(cls, "normalization", None)) else ""
@@ -625,6 +624,8 @@ def layer_divergence(moments: list[Any], segment: int | None = None) -> dict[str
     source statistics (averaged when a layer ran more than once in the pass). With
     ``segment``, moments were recorded per segment ([S, C]) and row ``segment`` is used;
     the rows of all segments are computed together once per pass (:class:`MomentLog`)."""
+    if not moments:  # nothing observed (drift signals off): no layer to report
+        return {}
     if isinstance(moments, MomentLog):
         if moments.divergence is None:
             moments.divergence = divergence_rows(moments)

@@ -6,6 +6,9 @@ All variances are biased (divide by n), as BatchNorm uses them at test time. Sha
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -54,10 +57,15 @@ def segment_moments(
     return per_sample(torch.stack([m for m, _ in pairs]), offsets), per_sample(torch.stack([v for _, v in pairs]), offsets)
 
 
-def per_sample(rows: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+def per_sample(rows: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:
     """Per-segment statistics [S, C] repeated for each sample of their segment: [B, C]."""
-    lengths = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
-    return rows.repeat_interleave(lengths, dim=0)
+    return rows.repeat_interleave(_lengths(tuple(offsets)).to(rows.device), dim=0)
+
+
+@functools.lru_cache(maxsize=256)
+def _lengths(offsets: tuple[int, ...]) -> torch.Tensor:
+    # once per pass layout rather than per layer and statistic (read-only once made)
+    return torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
 
 
 def normalize(
